@@ -1,0 +1,36 @@
+# The two commands: `make demo` runs the main job on the embedded tiny default; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all lint clean
+
+$(BIN)/rewardtune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and explicitly, so pip never picks a multi-GB build by itself
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/rewardtune
+
+demo: install
+	$(BIN)/rewardtune init-tiny --out runs/tiny-sd --exist-ok
+	rm -rf runs/demo
+	$(BIN)/rewardtune train --config configs/tiny.yaml --out runs/demo
+
+test: install
+	$(BIN)/ruff check shared tests benchmarks
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check shared tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

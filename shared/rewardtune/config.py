@@ -1,0 +1,322 @@
+"""The one run-config schema: YAML in, validated pydantic models out.
+
+The CLI, the KFP components and the tests all build a `RunConfig` through `load_config` /
+`parse_config`, so a value that is wrong anywhere is wrong everywhere, with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rewardtune.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelled key must never silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(description="Hub id, local diffusers directory, or cache URI (file:// or s3://).")
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Dtype of the frozen weights (VAE, text encoder, base UNet)."
+    )
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(4, ge=1, le=1024)
+    lora_alpha: float | None = Field(None, gt=0, description="Defaults to lora_rank (scale 1).")
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
+
+
+class PromptsConfig(_Strict):
+    source: str = Field(
+        "simple_animals", description="A built-in prompt set name or a path to a .txt/.jsonl/.csv file."
+    )
+    template: str = Field("{}", description="Format string applied to every prompt, e.g. 'a photo of a {}'.")
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> PromptsConfig:
+        if "{}" not in self.template:
+            raise ValueError("template must contain '{}' where the prompt goes")
+        return self
+
+
+class SamplingConfig(_Strict):
+    num_steps: int = Field(50, ge=2, le=1000)
+    eta: float = Field(1.0, gt=0.0, le=1.0, description="DDIM eta; 0 gives a deterministic step with no density.")
+    guidance_scale: float = Field(5.0, ge=1.0)
+    batch_size: int = Field(8, ge=1, description="Trajectories sampled per device per batch.")
+    batches_per_epoch: int = Field(4, ge=1)
+    resolution: int = Field(512, ge=8)
+    negative_prompt: str = ""
+
+
+class RewardSpec(_Strict):
+    name: str
+    source: str | None = Field(None, description="Model source (hub id, directory, cache URI) for learned rewards.")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_name(self) -> RewardSpec:
+        from rewardtune.rewards import reward_names
+
+        names = reward_names()
+        if self.name not in names:
+            hint = difflib.get_close_matches(self.name, names, n=1)
+            maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"unknown reward '{self.name}'{maybe}; allowed: {', '.join(sorted(names))}")
+        return self
+
+
+class StatTrackingConfig(_Strict):
+    enabled: bool = True
+    buffer_size: int = Field(16, ge=1)
+    min_count: int = Field(16, ge=1)
+
+
+class CriticConfig(_Strict):
+    """TDPO's timestep-aware critic (algorithms.md §3)."""
+
+    input: Literal["decoded_latent"] = Field(
+        "decoded_latent", description="What the critic sees: the VAE-decoded x_t, embedded by a frozen image tower."
+    )
+    image_encoder: str | None = Field(
+        None, description="Source of the frozen image tower (CLIP vision model); None uses the training reward's."
+    )
+    hidden_sizes: list[int] = Field(default_factory=lambda: [1024, 128, 64, 16], min_length=1)
+    dropout: list[float] = Field(default_factory=lambda: [0.2, 0.2, 0.1, 0.0])
+    learning_rate: float = Field(1e-4, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    coef: float = Field(1.0, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1.0)
+    kl_coef: float = Field(0.0, ge=0, description="beta of the per-step KL penalty against the frozen base policy.")
+    kl_estimator: Literal["kl", "abs", "square", "clip", "approx"] = "kl"
+    advantage_norm: Literal["global", "per_prompt"] = "global"
+
+    @model_validator(mode="after")
+    def _dropout_per_layer(self) -> CriticConfig:
+        if len(self.dropout) != len(self.hidden_sizes):
+            raise ValueError(
+                f"dropout has {len(self.dropout)} entries but hidden_sizes has {len(self.hidden_sizes)}; give one per hidden layer"
+            )
+        if any(not 0.0 <= p < 1.0 for p in self.dropout):
+            raise ValueError("dropout probabilities must lie in [0, 1)")
+        return self
+
+
+class ResetConfig(_Strict):
+    """TDPO-R's periodic reset of active neurons (algorithms.md §4)."""
+
+    every: int = Field(10, ge=1, description="Reset every this many epochs.")
+    target: Literal["critic", "policy_lora"] = "critic"
+    rule: Literal["active", "overactive", "top_fraction"] = Field(
+        "active", description="active: score > tau (TDPO-R); overactive: score > tau_high; top_fraction: top-k%."
+    )
+    tau: float = Field(0.0, ge=0.0)
+    tau_high: float = Field(2.0, gt=0.0)
+    fraction: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class ConstraintConfig(_Strict):
+    """One CDPO constraint E[r_k] >= c_k on an auxiliary reward (algorithms.md §5)."""
+
+    reward: RewardSpec
+    threshold: float | None = Field(None, description="Absolute c_k.")
+    relative_margin: float | None = Field(
+        None, ge=0.0, description="c_k = base model's epoch-0 mean minus this margin."
+    )
+    initial_multiplier: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> ConstraintConfig:
+        if (self.threshold is None) == (self.relative_margin is None):
+            raise ValueError(
+                f"constraint on '{self.reward.name}' needs exactly one of threshold (absolute) or relative_margin"
+            )
+        return self
+
+
+class LagrangeConfig(_Strict):
+    learning_rate: float = Field(0.05, gt=0, description="eta_lambda of the projected dual ascent.")
+    pid_kp: float = Field(0.0, ge=0)
+    pid_kd: float = Field(0.0, ge=0)
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["ddpo", "tdpo", "tdpo_r", "cdpo"] = "ddpo"
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    reset: ResetConfig = Field(default_factory=ResetConfig)
+    constraints: list[ConstraintConfig] = Field(default_factory=list)
+    lagrange: LagrangeConfig = Field(default_factory=LagrangeConfig)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.name in ("tdpo", "tdpo_r", "cdpo")
+
+    @property
+    def uses_reset(self) -> bool:
+        return self.name in ("tdpo_r", "cdpo")
+
+    @model_validator(mode="after")
+    def _constraints_only_for_cdpo(self) -> AlgorithmConfig:
+        if self.name == "cdpo" and not self.constraints:
+            raise ValueError("cdpo needs at least one entry in algorithm.constraints")
+        if self.name != "cdpo" and self.constraints:
+            raise ValueError(f"algorithm.constraints are only used by cdpo, not {self.name}; remove them or set name: cdpo")
+        return self
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(100, ge=1)
+    inner_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="Trajectories per training micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        2, ge=1, description="Micro-batches per optimizer step (times the trained timesteps, as in DDPO)."
+    )
+    learning_rate: float = Field(3e-4, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-4, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+    timestep_fraction: float = Field(1.0, gt=0, le=1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    seed: int = 0
+    stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
+
+
+class CheckpointConfig(_Strict):
+    every_epochs: int = Field(1, ge=1)
+    keep_last: int = Field(3, ge=1, description="Newest checkpoints kept; reset checkpoints are always kept.")
+
+
+class LoggingConfig(_Strict):
+    progress_bars: bool = True
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    reward: RewardSpec
+    eval_rewards: list[RewardSpec] = Field(default_factory=list)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _batches_fill_optimizer_steps(self) -> RunConfig:
+        per_epoch = self.sampling.batch_size * self.sampling.batches_per_epoch
+        per_step = self.training.batch_size * self.training.gradient_accumulation_steps
+        if per_epoch % self.training.batch_size:
+            raise ValueError(
+                f"training.batch_size={self.training.batch_size} must divide the {per_epoch} trajectories per epoch "
+                "(sampling.batch_size x sampling.batches_per_epoch)"
+            )
+        if per_epoch % per_step:
+            raise ValueError(
+                f"training.batch_size x training.gradient_accumulation_steps = {per_step} must divide the {per_epoch} "
+                "trajectories per epoch, or the last optimizer step of an epoch would be partial"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows at the parent of `loc` (for did-you-mean hints)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming the field path and what is allowed (the first error; the rest are counted)."""
+    first = err.errors()[0]
+    loc = first["loc"]
+    path = _field_path(loc)
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
+        msg = f"config error at {path}: unknown key{maybe}; allowed keys here: {', '.join(allowed)}"
+    else:
+        text = first["msg"].removeprefix("Value error, ")
+        got = first.get("input")
+        shown = "" if first["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        msg = f"config error at {path}: {text}{shown}"
+    more = len(err.errors()) - 1
+    return msg + (f" [+{more} more]" if more else "")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides; values are parsed as YAML scalars (numbers, bools, lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. training.epochs=3)")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def parse_config(data: Any, overrides: list[str] | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a YAML mapping of sections (model, sampling, training, ...)")
+    data = apply_overrides(dict(data), overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config; every problem becomes a one-line `ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_config(data, overrides)

@@ -1,0 +1,136 @@
+"""Loading the policy: a Stable-Diffusion pipeline from a hub id, a local directory or a cache URI,
+with the UNet made trainable through LoRA (peft, via `unet.add_adapter`) or fully."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from rewardtune.config import ModelConfig
+from rewardtune.errors import CheckpointError, RewardtuneError
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_dir(source: str) -> str:
+    """A local directory (or file:// URI) is used as is; anything else is a hub id for from_pretrained."""
+    if source.startswith("s3://"):
+        raise RewardtuneError(
+            f"model.source {source}: s3:// sources are read through the model cache stage "
+            "(`rewardtune cache-models`), which is not part of this build yet; use a local directory"
+        )
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.exists():
+        check_pipeline_dir(path)
+        return str(path)
+    if source.startswith(("file://", "/", ".")):
+        raise RewardtuneError(f"model.source {source} does not exist; build one with `rewardtune init-tiny --out DIR`")
+    return source
+
+
+def check_pipeline_dir(path: Path) -> None:
+    """Name the missing component instead of letting from_pretrained fail deep inside."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise RewardtuneError(f"model directory {path} has no model_index.json; it is not a diffusers pipeline directory")
+    listed = json.loads(index.read_text())
+    for name in REQUIRED_COMPONENTS:
+        if name not in listed or not (path / name).is_dir():
+            raise RewardtuneError(
+                f"model directory {path} is missing the '{name}' component; re-save the pipeline with save_pretrained"
+            )
+
+
+def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
+    """Load the pipeline; offline (HF_HUB_OFFLINE=1) it only reads local files, as in the cluster."""
+    location = resolve_model_dir(cfg.source)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            location,
+            revision=cfg.revision,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=offline or Path(location).exists(),
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RewardtuneError(f"could not load model.source {cfg.source}: {first}") from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def prepare_policy(pipe: StableDiffusionPipeline, cfg: ModelConfig, device: torch.device, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
+    """Freeze what is not trained, add LoRA, cast frozen weights; returns the trainable parameters.
+
+    Trainable parameters stay float32 (master weights) whatever the frozen dtype is.
+    """
+    dtype = DTYPES[cfg.dtype]
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.unet.requires_grad_(cfg.finetune == "full")
+    frozen = [pipe.vae, pipe.text_encoder] + ([pipe.unet] if cfg.finetune == "lora" else [])
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.to(device)
+    for module in frozen:
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
+    if cfg.finetune == "lora":
+        pipe.unet.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(cfg.lora_target_modules),
+            )
+        )
+        cast_training_params(pipe.unet, dtype=torch.float32)
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise RewardtuneError(
+            f"model.lora_target_modules {cfg.lora_target_modules} matched no UNet layer; use e.g. to_q, to_k, to_v, to_out.0"
+        )
+    return trainable
+
+
+def save_policy(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
+    """LoRA in the diffusers format (`pipe.load_lora_weights(dir)` reads it); a full UNet via save_pretrained."""
+    if cfg.finetune == "lora":
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+    else:
+        unet.save_pretrained(directory / "unet", safe_serialization=True)
+
+
+def load_policy_weights(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
+    if cfg.finetune == "lora":
+        state = load_file(directory / LORA_FILE)
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        peft_state = convert_unet_state_dict_to_peft(state)
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(unet).items()}
+        if {k: v.shape for k, v in peft_state.items()} != expected:
+            raise CheckpointError(
+                f"checkpoint {directory} holds LoRA weights of another shape (different model or lora_rank); "
+                "resume with the config it was trained with, or start a new output directory"
+            )
+        result = set_peft_model_state_dict(unet, peft_state)
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"checkpoint {directory} has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+    else:
+        from diffusers import UNet2DConditionModel
+
+        loaded = UNet2DConditionModel.from_pretrained(directory / "unet")
+        unet.load_state_dict(loaded.state_dict())
