@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny offline models built once per session, and config helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-shaped pipeline directory, built offline by the same code as `rewardtune init-tiny`."""
+    from rewardtune.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def tiny_config_dict(model_dir: Path, **sections) -> dict:
+    """configs/tiny.yaml pointed at `model_dir`, with sections merged in (one level deep)."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    data["model"]["source"] = str(model_dir)
+    data.setdefault("logging", {})["progress_bars"] = False
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    return data
