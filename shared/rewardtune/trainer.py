@@ -21,7 +21,12 @@ from accelerate.utils import gather_object, set_seed
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
 from rewardtune.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
 from rewardtune.config import RunConfig
-from rewardtune.diffusion import encode_prompts, guided_noise_pred, ddim_step_with_logprob, sample_trajectories
+from rewardtune.diffusion import (
+    ddim_step_with_logprob,
+    encode_prompts,
+    guided_noise_pred,
+    sample_trajectories,
+)
 from rewardtune.errors import CheckpointError, RewardtuneError
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.metrics import MetricsLog
@@ -169,7 +174,9 @@ class Trainer:
             rewards = check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)
             times.reward += time.perf_counter() - start
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards.to(self.device)})
-        cat = lambda get: torch.cat([get(p) for p in parts])  # noqa: E731
+        def cat(get) -> torch.Tensor:
+            return torch.cat([get(p) for p in parts])
+
         return EpochSamples(
             prompts=[q for p in parts for q in p["prompts"]],
             latents=cat(lambda p: p["traj"].latents[:, :-1]),
