@@ -167,6 +167,9 @@ class AlgorithmConfig(_Strict):
     def _constraints_only_for_cdpo(self) -> AlgorithmConfig:
         if self.name == "cdpo" and not self.constraints:
             raise ValueError("cdpo needs at least one entry in algorithm.constraints")
+        names = [c.reward.name for c in self.constraints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"algorithm.constraints name a reward twice ({names}); give each auxiliary reward once")
         if self.name != "cdpo" and self.constraints:
             raise ValueError(f"algorithm.constraints are only used by cdpo, not {self.name}; remove them or set name: cdpo")
         return self
