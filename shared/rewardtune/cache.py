@@ -288,20 +288,21 @@ def _fetch(ref: ModelRef, staging: Path) -> tuple[Path, str | None]:
 class CacheResult:
     key: str
     source: str
+    uri: str
     status: str  # "cached", "skipped"
     uploaded: int = 0
     reused: int = 0
 
 
-def cache_model(ref: ModelRef, cache: Cache) -> CacheResult:
+def cache_model(ref: ModelRef, cache: Cache, force: bool = False) -> CacheResult:
     """Put one model into the cache; skip it if a manifest with the same source/revision/filter exists."""
     key = cache_key(ref)
-    existing = cache.read_manifest(key)
+    existing = None if force else cache.read_manifest(key)
     want = {"source": ref.source, "revision": ref.revision, "files_filter": list(ref.files) if ref.files else None}
     if existing and all(existing.get(k) == v for k, v in want.items()):
         log.info("skip %s: already cached at %s", ref.source, cache.uri(key))
-        return CacheResult(key, ref.source, "skipped")
-    result = CacheResult(key, ref.source, "cached")
+        return CacheResult(key, ref.source, cache.uri(key), "skipped")
+    result = CacheResult(key, ref.source, cache.uri(key), "cached")
     with tempfile.TemporaryDirectory(prefix="rt-fetch-") as tmp:
         root, revision = _fetch(ref, Path(tmp))
         files: dict[str, dict[str, Any]] = {}
@@ -323,13 +324,14 @@ def cache_model(ref: ModelRef, cache: Cache) -> CacheResult:
     return result
 
 
-def cache_models(refs: Iterable[ModelRef], cache_uri: str) -> list[CacheResult]:
+def cache_models(refs: Iterable[ModelRef], cache_uri: str, force: bool = False) -> list[CacheResult]:
+    """Cache each model once (by key); returns what was done per model."""
     cache = open_cache(cache_uri)
     unique: dict[str, ModelRef] = {}
     for ref in refs:
         if ref.kind != "cache":
             unique.setdefault(cache_key(ref), ref)
-    return [cache_model(ref, cache) for ref in unique.values()]
+    return [cache_model(ref, cache, force) for ref in unique.values()]
 
 
 def config_model_refs(cfg: Any) -> list[ModelRef]:
@@ -359,24 +361,26 @@ def workdir() -> Path:
     return Path(os.environ.get(WORKDIR_ENV) or Path.home() / ".cache" / "rewardtune" / "models").expanduser()
 
 
-def _verify_dir(root: Path, manifest: dict[str, Any], where: str, key: str) -> None:
+def _verify_dir(root: Path, manifest: dict[str, Any], where: str, label: str) -> None:
     for rel, meta in manifest["files"].items():
         path = root / rel
         if not path.is_file():
-            raise CacheError(f"model {key}: file {rel} is missing in {where}; re-run `rewardtune cache-models`")
+            raise CacheError(f"model {label}: file {rel} is missing in cache {where}; re-run `rewardtune cache-models`")
         if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-            raise CacheError(f"model {key}: {rel} is corrupt (sha256 mismatch) in {where}; re-run `rewardtune cache-models`")
+            raise CacheError(f"model {label}: {rel} is corrupt (sha256 mismatch) in cache {where}; "
+                             "delete the entry and re-run `rewardtune cache-models`")
 
 
-def materialize(cache: Cache, key: str, dest_root: Path | None = None) -> Path:
+def materialize(cache: Cache, key: str, dest_root: Path | None = None, label: str | None = None) -> Path:
     """A verified local directory with the model's files; a PVC cache is verified and used in place."""
     manifest = cache.read_manifest(key)
     if manifest is None:
-        raise CacheError(f"model {key} is not in cache {cache.uri()} (no manifest: missing or incomplete); "
-                         "run `rewardtune cache-models`")
+        raise CacheError(f"model {label or key} is not in cache {cache.uri()} (no manifest {key}/{MANIFEST}: missing "
+                         "or incomplete); run `rewardtune cache-models --config ... --cache ...`")
+    label = label or manifest.get("source", key)
     if isinstance(cache, DirCache):
         root = cache.root / key / FILES
-        _verify_dir(root, manifest, cache.uri(key), key)
+        _verify_dir(root, manifest, cache.uri(key), label)
         return root
     dest = (dest_root or workdir()) / key
     local_manifest = dest / MANIFEST
@@ -389,7 +393,7 @@ def materialize(cache: Cache, key: str, dest_root: Path | None = None) -> Path:
             target = staging / FILES / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             cache.get_file(key, rel, target)
-        _verify_dir(staging / FILES, manifest, cache.uri(key), key)
+        _verify_dir(staging / FILES, manifest, cache.uri(key), label)
         (staging / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
         if dest.exists():
             shutil.rmtree(dest)
@@ -422,7 +426,7 @@ def resolve_source(source: str, revision: str | None = None, files: Iterable[str
             return path
         raise CacheError(f"model source {source} does not exist")
     if cache_uri:
-        return materialize(open_cache(cache_uri), cache_key(ref))
+        return materialize(open_cache(cache_uri), cache_key(ref), label=source)
     return None
 
 
