@@ -158,7 +158,8 @@ class S3Cache:
         if not self.bucket:
             raise CacheError(f"cache URI {uri} has no bucket; use s3://bucket/prefix")
         endpoint = next((os.environ[e] for e in ENDPOINT_ENVS if os.environ.get(e)), None)
-        self.client = boto3.client(
+        # A fresh session (not boto3's process-wide default) so credentials are read from the environment now.
+        self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
             config=Config(retries={"mode": "standard", "max_attempts": max_attempts}, connect_timeout=10, read_timeout=60),
