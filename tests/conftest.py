@@ -34,3 +34,11 @@ def tiny_config_dict(model_dir: Path, **sections) -> dict:
         else:
             data[name] = values
     return data
+
+
+@pytest.fixture(scope="session")
+def tiny_rewards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """{reward name: source dir} of tiny reward models, built by the same code as `init-tiny --rewards-out`."""
+    from rewardtune.rewards.tiny import init_tiny_rewards
+
+    return init_tiny_rewards(tmp_path_factory.mktemp("rewards"))

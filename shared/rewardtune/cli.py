@@ -14,6 +14,10 @@ from rewardtune.errors import RewardtuneError
 def _cmd_init_tiny(args: argparse.Namespace) -> None:
     from rewardtune.tiny import init_tiny
 
+    if args.rewards_out:
+        _init_tiny_rewards(args.rewards_out, args.seed)
+    if not args.out:
+        return
     out = Path(args.out)
     if out.exists() and args.exist_ok:
         print(f"tiny model already at {out}")
@@ -22,6 +26,26 @@ def _cmd_init_tiny(args: argparse.Namespace) -> None:
         raise RewardtuneError(f"--out {out} already exists; remove it, choose another path, or pass --exist-ok")
     init_tiny(out, preset=args.preset, seed=args.seed)
     print(f"wrote {args.preset} pipeline to {out}")
+
+
+def _init_tiny_rewards(directory: str, seed: int) -> None:
+    from rewardtune.rewards.tiny import init_tiny_rewards
+
+    for name, path in init_tiny_rewards(directory, seed=seed).items():
+        print(f"tiny reward {name}: source {path}")
+
+
+def _cmd_cache_models(args: argparse.Namespace) -> None:
+    from rewardtune.cache import cache_models, config_model_refs
+    from rewardtune.config import load_config
+
+    refs = config_model_refs(load_config(args.config, args.set))
+    if args.dry_run:
+        for ref in refs:
+            print(f"{ref.source}@{ref.revision or 'main'} files={list(ref.files) if ref.files else 'all'}")
+        return
+    for result in cache_models(refs, args.cache, force=args.force):
+        print(f"{result.status:8s} {result.source} -> {result.uri} ({result.uploaded} uploaded, {result.reused} reused)")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
@@ -46,12 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("init-tiny", help="build a tiny SD-shaped pipeline offline")
-    tiny.add_argument("--out", required=True)
+    tiny = sub.add_parser(
+        "init-tiny",
+        help="build a tiny SD-shaped pipeline (--out) and/or tiny reward models (--rewards-out) offline",
+        description="Tiny stand-ins of the real architecture classes, saved in the layouts the real loaders read. "
+        "--rewards-out DIR writes DIR/<reward> for aesthetic, pickscore, clipscore, hpsv2 and imagereward; "
+        "use each as that reward's `source`.",
+    )
+    tiny.add_argument("--out", help="directory for the tiny SD pipeline")
+    tiny.add_argument("--rewards-out", help="directory for tiny reward models (one subdirectory per reward)")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "sd15"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--exist-ok", action="store_true", help="do nothing if --out already exists")
     tiny.set_defaults(func=_cmd_init_tiny)
+
+    cache = sub.add_parser(
+        "cache-models",
+        help="fetch every model a config names into a model cache (directory or s3://bucket/prefix)",
+        description="Fetches model.source, every reward's sources (reward, eval_rewards, constraints) and the critic's "
+        "image tower from the hub / http(s) / local paths into the cache, one entry per model with a sha256 manifest "
+        "written last. Idempotent and resumable. S3 endpoint: RT_S3_ENDPOINT_URL or AWS_ENDPOINT_URL; credentials: "
+        "the standard AWS variables. At load time, set RT_MODEL_CACHE to the same URI.",
+    )
+    cache.add_argument("--config", required=True)
+    cache.add_argument("--cache", required=True, help="a directory (PVC mount) or s3://bucket/prefix")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cache.add_argument("--force", action="store_true", help="re-fetch models even if their manifest matches")
+    cache.add_argument("--dry-run", action="store_true", help="list the models the config names and exit")
+    cache.set_defaults(func=_cmd_cache_models)
 
     validate = sub.add_parser("validate-config", help="check a run config and exit")
     validate.add_argument("--config", required=True)

@@ -23,13 +23,20 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_model_dir(source: str) -> str:
-    """A local directory (or file:// URI) is used as is; anything else is a hub id for from_pretrained."""
-    if source.startswith("s3://"):
-        raise RewardtuneError(
-            f"model.source {source}: s3:// sources are read through the model cache stage "
-            "(`rewardtune cache-models`), which is not part of this build yet; use a local directory"
-        )
+def resolve_model_dir(source: str, revision: str | None = None) -> str:
+    """A local pipeline directory for `source`, or a hub id for from_pretrained.
+
+    Cache URIs (`s3://bucket/prefix/<key>`, or a cache directory entry holding a manifest) are
+    materialized and sha256-verified; with RT_MODEL_CACHE set, hub ids and URLs are read from that cache
+    (the cluster's mode: nothing is downloaded at training time). Plain local directories are used as is.
+    """
+    from rewardtune.cache import CACHE_ENV, resolve_source, source_kind
+
+    kind = source_kind(source)
+    if kind == "cache" or (kind in ("hub", "url") and os.environ.get(CACHE_ENV)):
+        path = resolve_source(source, revision)
+        check_pipeline_dir(path)
+        return str(path)
     path = Path(source.removeprefix("file://")).expanduser()
     if path.exists():
         check_pipeline_dir(path)
@@ -54,12 +61,12 @@ def check_pipeline_dir(path: Path) -> None:
 
 def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
     """Load the pipeline; offline (HF_HUB_OFFLINE=1) it only reads local files, as in the cluster."""
-    location = resolve_model_dir(cfg.source)
+    location = resolve_model_dir(cfg.source, cfg.revision)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             location,
-            revision=cfg.revision,
+            revision=None if Path(location).exists() else cfg.revision,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=offline or Path(location).exists(),

@@ -14,6 +14,7 @@ import torch
 from rewardtune.errors import RewardError
 
 if TYPE_CHECKING:
+    from rewardtune.cache import ModelRef
     from rewardtune.config import RewardSpec
 
 
@@ -24,7 +25,11 @@ class Reward(Protocol):
 
 
 RewardBuilder = Callable[["RewardSpec", torch.device], Reward]
+SourcesFn = Callable[["RewardSpec"], list["ModelRef"]]
+TowerFn = Callable[["RewardSpec"], "str | None"]
 _REGISTRY: dict[str, RewardBuilder] = {}
+_SOURCES: dict[str, SourcesFn] = {}
+_TOWERS: dict[str, TowerFn] = {}
 
 
 def register(name: str) -> Callable[[RewardBuilder], RewardBuilder]:
@@ -33,6 +38,44 @@ def register(name: str) -> Callable[[RewardBuilder], RewardBuilder]:
         return builder
 
     return wrap
+
+
+def register_sources(name: str) -> Callable[[SourcesFn], SourcesFn]:
+    """Register which models a reward needs, so `rewardtune cache-models` can fetch them ahead of time."""
+
+    def wrap(fn: SourcesFn) -> SourcesFn:
+        _SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_tower(name: str) -> Callable[[TowerFn], TowerFn]:
+    def wrap(fn: TowerFn) -> TowerFn:
+        _TOWERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def reward_model_refs(spec: RewardSpec) -> list[ModelRef]:
+    """The models (sources) a reward loads; empty for model-free rewards (JPEG, brightness)."""
+    _load_builtin()
+    fn = _SOURCES.get(spec.name)
+    return fn(spec) if fn else []
+
+
+def critic_tower_source(spec: RewardSpec) -> str | None:
+    """The image-tower source TDPO's critic should use for a reward, loadable by `load_clip_image_tower`.
+
+    aesthetic / imagereward -> their CLIP ViT-L/14 (options.clip_source, a bundled `clip/`, or
+    openai/clip-vit-large-patch14); pickscore / clipscore -> the reward's own transformers CLIP;
+    hpsv2 -> its own open_clip ViT-H-14 checkpoint. None for model-free rewards (JPEG, brightness):
+    set algorithm.critic.image_encoder for those.
+    """
+    _load_builtin()
+    fn = _TOWERS.get(spec.name)
+    return fn(spec) if fn else None
 
 
 def reward_names() -> list[str]:
@@ -58,4 +101,11 @@ def check_finite(name: str, scores: torch.Tensor, prompts: Sequence[str]) -> tor
 
 
 def _load_builtin() -> None:
-    from rewardtune.rewards import simple  # noqa: F401  (registers on import)
+    from rewardtune.rewards import (  # noqa: F401  (register on import)
+        aesthetic,
+        clipscore,
+        hpsv2,
+        imagereward,
+        pickscore,
+        simple,
+    )

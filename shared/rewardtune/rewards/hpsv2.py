@@ -1,0 +1,111 @@
+"""HPSv2 / v2.1 (Wu et al. 2023): upstream open_clip ViT-H-14 with the HPS checkpoint, score = image . text
+of L2-normalized features (no logit scale).
+
+Source: a directory / hub repo holding the `{"state_dict": ...}` checkpoint (default xswu/HPSv2, file
+HPS_v2.1_compressed.pt; `options.checkpoint` picks another file, e.g. HPS_v2_compressed.pt). The
+architecture is `options.arch` (default ViT-H-14), or `open_clip_model.json` next to the checkpoint
+(`{"arch": name, "model_cfg": {...}}`, how tiny stand-ins describe themselves). Loaded with
+weights_only=True; the hpsv2 PyPI package is deliberately not used (see field notes).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rewardtune.cache import ModelRef, resolve_local
+from rewardtune.errors import RewardError
+from rewardtune.rewards import register, register_sources, register_tower
+from rewardtune.rewards.towers import OPEN_CLIP_CONFIG, ClipImageTower, open_clip_tower
+
+DEFAULT_SOURCE = "xswu/HPSv2"
+DEFAULT_CHECKPOINT = "HPS_v2.1_compressed.pt"
+
+
+def _register_arch(directory: Path, options: dict[str, Any]) -> str:
+    import open_clip
+
+    path = directory / OPEN_CLIP_CONFIG
+    if not path.is_file():
+        return str(options.get("arch", "ViT-H-14"))
+    spec = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # open_clip registers configs from <name>.json files
+        cfg_file = Path(tmp) / f"{spec['arch']}.json"
+        cfg_file.write_text(json.dumps(spec["model_cfg"]))
+        open_clip.add_model_config(cfg_file)
+    return str(spec["arch"])
+
+
+def find_checkpoint(directory: Path, options: dict[str, Any]) -> Path:
+    name = options.get("checkpoint")
+    candidates = [directory / name] if name else [directory / DEFAULT_CHECKPOINT, *sorted(directory.glob("*.pt"))]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise RewardError(f"no HPS checkpoint ({name or DEFAULT_CHECKPOINT} or *.pt) in {directory}")
+
+
+def load_hps_state(path: Path) -> dict[str, torch.Tensor]:
+    """Accept `{"state_dict": ...}` (the released layout) or a bare state dict; strip DDP's 'module.'."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RewardError(f"cannot read HPS checkpoint {path} as a weights-only torch file: {str(err).splitlines()[0]}") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise RewardError(f"HPS checkpoint {path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_open_clip(directory: Path, options: dict[str, Any], device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer): `open_clip.create_model(arch)` with the checkpoint loaded strictly."""
+    import open_clip
+
+    arch = _register_arch(directory, options)
+    model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    model.load_state_dict(load_hps_state(find_checkpoint(directory, options)), strict=True)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, open_clip.get_tokenizer(arch)
+
+
+class HPSv2:
+    name = "hpsv2"
+
+    def __init__(self, model, tokenizer, tower: ClipImageTower) -> None:
+        self.model, self.tokenizer, self.tower = model, tokenizer, tower
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        image = self.tower.embed(images)
+        text = self.model.encode_text(self.tokenizer(list(prompts)).to(self.tower.device))
+        return (image * F.normalize(text.float(), dim=-1)).sum(-1)
+
+
+def _ref(spec) -> ModelRef:
+    files = spec.options.get("files") or ([spec.options.get("checkpoint", DEFAULT_CHECKPOINT)] if not spec.source else None)
+    return ModelRef(spec.source or DEFAULT_SOURCE, spec.options.get("revision"), tuple(files) if files else None)
+
+
+@register_sources("hpsv2")
+def _sources(spec) -> list[ModelRef]:
+    return [_ref(spec)]
+
+
+@register_tower("hpsv2")
+def _tower(spec) -> str:
+    return spec.source or DEFAULT_SOURCE
+
+
+@register("hpsv2")
+def _build(spec, device: torch.device) -> HPSv2:
+    dtype = getattr(torch, spec.options.get("dtype", "float32"))
+    ref = _ref(spec)
+    directory = resolve_local(ref.source, ref.revision, ref.files)
+    model, tokenizer = load_open_clip(directory, spec.options, device, dtype)
+    return HPSv2(model, tokenizer, open_clip_tower(model, device, dtype))

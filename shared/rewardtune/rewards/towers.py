@@ -1,0 +1,144 @@
+"""Frozen CLIP image towers: one implementation shared by the aesthetic/PickScore/CLIPScore/HPSv2 rewards
+and TDPO's critic (which embeds decoded x_t with the training reward's tower).
+
+Preprocessing is done on the (GPU) tensor with torch ops — shortest-side bicubic resize with antialias,
+center crop, mean/std normalization — so no image ever leaves the device through PIL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rewardtune.cache import ModelRef, resolve_local, source_kind
+from rewardtune.errors import RewardError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_L14 = "openai/clip-vit-large-patch14"
+# Only what a PyTorch CLIP needs from a hub repo (the openai repos also hold TF/Flax copies of the weights).
+CLIP_FILES = ("*.json", "*.txt", "*.safetensors")
+OPEN_CLIP_CONFIG = "open_clip_model.json"  # {"arch": name, "model_cfg": {...}} for non-builtin open_clip configs
+
+
+def preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> CLIP input: resize shortest side to `size` (bicubic), center crop, normalize."""
+    x = images.float()
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top : top + size, left : left + size]
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return ((x - m) / s).to(dtype)
+
+
+class ClipImageTower:
+    """A frozen image encoder: `embed(images in [0,1]) -> [B, dim]` float32, L2-normalized, no grad."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], dim: int, image_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype,
+                 module: torch.nn.Module | None = None) -> None:
+        self._encode, self.dim, self.image_size = encode, dim, image_size
+        self.mean, self.std, self.device, self.dtype = mean, std, device, dtype
+        self.module = module  # kept so callers can inspect/move it; always eval() and requires_grad False
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = preprocess(images.to(self.device), self.image_size, self.mean, self.std, self.dtype)
+        return F.normalize(self._encode(x).float(), dim=-1)
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return module
+
+
+def hf_preprocess_cfg(directory: Path, image_size: int) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Crop size and normalization from a transformers preprocessor_config.json, CLIP's if there is none."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return image_size, CLIP_MEAN, CLIP_STD
+    cfg = json.loads(path.read_text())
+    crop = cfg.get("crop_size", image_size)
+    crop = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    return crop, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
+
+
+def tower_from_clip_model(model: torch.nn.Module, directory: Path, device: torch.device, dtype: torch.dtype) -> ClipImageTower:
+    """Wrap a loaded transformers CLIPModel's image side (used by PickScore/CLIPScore for their images)."""
+    vision = model.config.vision_config
+    size, mean, std = hf_preprocess_cfg(directory, vision.image_size)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return model.get_image_features(pixel_values=x).pooler_output  # transformers 5: an output object
+
+    return ClipImageTower(encode, model.config.projection_dim, size, mean, std, device, dtype, model)
+
+
+def _hf_tower(directory: Path, device: torch.device, dtype: torch.dtype) -> ClipImageTower:
+    from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type == "clip":  # a full CLIPModel checkpoint (openai/clip-vit-large-patch14, PickScore_v1)
+        model = _freeze(CLIPModel.from_pretrained(directory, local_files_only=True), device, dtype)
+        return tower_from_clip_model(model, directory, device, dtype)
+    model = _freeze(CLIPVisionModelWithProjection.from_pretrained(directory, local_files_only=True), device, dtype)
+    size, mean, std = hf_preprocess_cfg(directory, model.config.image_size)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x).image_embeds
+
+    return ClipImageTower(encode, model.config.projection_dim, size, mean, std, device, dtype, model)
+
+
+def open_clip_tower(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> ClipImageTower:
+    """Wrap an open_clip model's `encode_image` (HPSv2's ViT-H-14)."""
+    visual = model.visual
+    size = visual.image_size[0] if isinstance(visual.image_size, tuple | list) else int(visual.image_size)
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    dim = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[-1])
+    return ClipImageTower(model.encode_image, dim, size, mean, std, device, dtype, model)
+
+
+def find_tower_dir(directory: Path) -> tuple[str, Path]:
+    """Which kind of tower a resolved source holds: ('hf', dir) or ('open_clip', dir)."""
+    for candidate in (directory / "clip", directory):
+        if (candidate / "config.json").is_file():
+            return "hf", candidate
+    if (directory / OPEN_CLIP_CONFIG).is_file() or any(directory.glob("*.pt")):
+        return "open_clip", directory
+    raise RewardError(f"{directory} holds no CLIP image tower (no config.json, clip/ subfolder or open_clip checkpoint)")
+
+
+def tower_ref(source: str) -> ModelRef:
+    """The cache entry a tower source needs (hub CLIP repos: only the PyTorch files)."""
+    return ModelRef(source, None, CLIP_FILES if source_kind(source) == "hub" else None)
+
+
+def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ClipImageTower:
+    """Load a frozen CLIP image tower from a source: hub id, local dir, or cache URI.
+
+    Accepts a transformers CLIP directory (CLIPModel or CLIPVisionModelWithProjection), a reward directory
+    bundling one under `clip/` (aesthetic, ImageReward), or an HPSv2 open_clip checkpoint directory.
+    """
+    device = torch.device(device)
+    ref = tower_ref(source)
+    directory = resolve_local(ref.source, ref.revision, ref.files)
+    if directory.is_file():
+        directory = directory.parent
+    kind, where = find_tower_dir(directory)
+    if kind == "hf":
+        return _hf_tower(where, device, dtype)
+    from rewardtune.rewards.hpsv2 import load_open_clip
+
+    model, _ = load_open_clip(where, {}, device, dtype)
+    return open_clip_tower(model, device, dtype)
