@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+
 from rewardtune.config import parse_config
 from rewardtune.diffusion import encode_prompts, sample_trajectories
 from rewardtune.trainer import EpochTimes, Trainer
-
 from tests.conftest import tiny_config_dict
 
 
