@@ -191,6 +191,9 @@ class TrainingConfig(_Strict):
     clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
     timestep_fraction: float = Field(1.0, gt=0, le=1.0)
+    fused_steps: int = Field(
+        1, ge=1, description="Micro-steps fused into one UNet call: same loss and optimizer steps, larger batches."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     allow_tf32: bool = True

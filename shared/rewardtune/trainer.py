@@ -111,6 +111,12 @@ class Trainer:
         # time-major loops (TDPO) step the optimizer within one time column; DDPO accumulates over steps too
         self.time_major = cfg.algorithm.uses_critic
         accumulation = cfg.training.gradient_accumulation_steps * (1 if self.time_major else self.num_train_steps)
+        if accumulation % cfg.training.fused_steps:
+            raise RewardtuneError(
+                f"training.fused_steps={cfg.training.fused_steps} must divide the {accumulation} micro-steps of an "
+                "optimizer step, or a fused call would straddle two optimizer steps"
+            )
+        accumulation //= cfg.training.fused_steps
         self.accelerator = Accelerator(
             cpu=device.type == "cpu",
             mixed_precision=cfg.training.mixed_precision,
@@ -356,33 +362,55 @@ class Trainer:
         out["negative_embeds"] = samples.negative_embeds[order.to(self.device)]
         return out
 
-    def _micro_steps(self, n: int) -> list[tuple[slice, int]]:
-        """(sample slice, time column) pairs in the loop order of the algorithm."""
+    def _micro_steps(self, n: int) -> list[list[tuple[slice, int]]]:
+        """(sample slice, time column) pairs in the loop order of the algorithm, `fused_steps` per UNet call.
+
+        Fusing consecutive micro-steps of one optimizer step changes only the batch shape: every pair
+        still weighs the same in the step's mean loss.
+        """
         bs = self.cfg.training.batch_size
         batches = [slice(i, i + bs) for i in range(0, n, bs)]
         steps = range(self.num_train_steps)
         if self.time_major:
-            return [(b, j) for j in steps for b in batches]
-        return [(b, j) for b in batches for j in steps]
+            pairs = [(b, j) for j in steps for b in batches]
+        else:
+            pairs = [(b, j) for b in batches for j in steps]
+        fused = self.cfg.training.fused_steps
+        return [pairs[i : i + fused] for i in range(0, len(pairs), fused)]
 
-    def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
+    @staticmethod
+    def _view(batch: dict[str, torch.Tensor], chunk: list[tuple[slice, int]]) -> dict[str, torch.Tensor]:
+        """The (sample, step) pairs of a chunk as one flat batch."""
+        out = {}
+        for name, value in batch.items():
+            if name in ("prompt_embeds", "negative_embeds"):
+                parts = [value[rows] for rows, _ in chunk]
+            else:
+                parts = [value[rows, j] for rows, j in chunk]
+            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out
+
+    def log_prob_of(self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """log pi(x_{t-1} | x_t) of each pair in a flat batch, recomputed with gradients."""
         model = model or self.unet
-        latents = batch["latents"][rows, j]
-        timesteps = batch["timesteps"][rows, j]
+        latents, timesteps = view["latents"], view["timesteps"]
         model_dtype = next(model.parameters()).dtype
         with self.accelerator.autocast():
             noise_pred = guided_noise_pred(
                 model,
                 self.scheduler.scale_model_input(latents, timesteps).to(model_dtype),
                 timesteps,
-                batch["prompt_embeds"][rows],
-                batch["negative_embeds"][rows],
+                view["prompt_embeds"],
+                view["negative_embeds"],
                 self.cfg.sampling.guidance_scale,
             )
         _, log_prob = ddim_step_with_logprob(
-            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=batch["next_latents"][rows, j]
+            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"]
         )
         return log_prob
+
+    def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.log_prob_of(self._view(batch, [(rows, j)]), model)
 
     def train_epoch(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
         cfg = self.cfg.training
@@ -397,17 +425,16 @@ class Trainer:
 
         for _ in range(cfg.inner_epochs):
             batch = self._shuffled(samples, generator)
-            for rows, j in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
+            for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
+                view = self._view(batch, chunk)
                 with self.accelerator.accumulate(*models):
-                    log_prob = self.policy_log_prob(batch, rows, j)
-                    old = batch["log_probs"][rows, j]
-                    loss = ppo_clipped_loss(log_prob, old, batch["advantages"][rows, j], cfg.clip_range)
+                    log_prob = self.log_prob_of(view)
+                    old = view["log_probs"]
+                    loss = ppo_clipped_loss(log_prob, old, view["advantages"], cfg.clip_range)
                     total = loss
                     if self.critics is not None:
-                        values = self.critics(batch["critic_inputs"][rows, j])
-                        value_loss = clipped_value_loss(
-                            values, batch["old_values"][rows, j], batch["returns"][rows, j], critic_cfg.value_clip
-                        )
+                        values = self.critics(view["critic_inputs"])
+                        value_loss = clipped_value_loss(values, view["old_values"], view["returns"], critic_cfg.value_clip)
                         total = loss + critic_cfg.coef * value_loss
                         stats["critic_loss"].append(value_loss.detach())
                     self.accelerator.backward(total)
