@@ -136,3 +136,56 @@ def list_checkpoints(run_dir: Path) -> list[str]:
     names = [p.name for p in root.glob("epoch-*") if (p / "manifest.json").is_file()] if root.is_dir() else []
     phase = {"-pre-reset": 0, "": 1, "-post-reset": 2}
     return sorted(names, key=lambda n: (n[:12], phase.get(n[12:], 1)))
+
+
+def param_overrides(
+    *, algorithm: str = "", base_model: str = "", reward: str = "", epochs: int = 0, prompt_source: str = ""
+) -> list[str]:
+    """Turn pipeline parameters into `--set` overrides; an empty value (or 0 epochs) keeps the config's own."""
+    sets = []
+    if algorithm:
+        sets.append(f"algorithm.name={algorithm}")
+    if base_model:
+        sets.append(f"model.source={base_model}")
+    if reward:
+        sets.append(f"reward.name={reward}")
+    if epochs:
+        sets.append(f"training.epochs={int(epochs)}")
+    if prompt_source:
+        sets.append(f"prompts.source={prompt_source}")
+    return sets
+
+
+def _final_metrics(run_dir: Path) -> dict[str, float]:
+    """Numeric fields of the last metrics.jsonl record (what the KFP UI shows for the train step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: float(v) for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def train_for_pipeline(
+    config: str, prompts_dir: str | Path, out_dir: str | Path, *, workdir: str = "", run_id: str = "",
+    num_gpus: int = 1, overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The train step: train in `workdir/run_id` (persistent PVC, so a retried pod resumes) and publish to `out_dir`.
+
+    Without a workdir (kfp.local, docker run) it trains straight into `out_dir`.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    if workdir and not run_id:
+        raise RewardtuneError("train: a workdir needs a run_id so that retries of one run share a directory")
+    run_dir = Path(workdir) / run_id if workdir else out_dir
+    train_stage(config, Path(prompts_dir), run_dir, num_gpus=num_gpus, overrides=overrides, resume=True)
+    if run_dir != out_dir:
+        shutil.copytree(run_dir, out_dir, dirs_exist_ok=True)
+    return {"run_dir": str(run_dir), "checkpoints": list_checkpoints(out_dir), "final_metrics": _final_metrics(out_dir)}
+
+
+def record_run_status(state: str, job: str, error_message: str = "") -> str:
+    """The exit handler's record: one line on stdout (pod logs) and on stderr when the run did not succeed."""
+    line = f"rewardtune run {job or '<local>'}: {state}" + (f" ({error_message})" if error_message else "")
+    print(line, file=sys.stdout if state == "SUCCEEDED" else sys.stderr)
+    return line
