@@ -10,6 +10,7 @@ Only one run at a time (max_concurrency=1) and no catch-up after downtime: train
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(request, indent=2))
         return 0
-    print(json.dumps(schedule(request), indent=2))
+    with contextlib.redirect_stdout(sys.stderr):  # kfp.Client prints HTML links; keep stdout machine-readable
+        ids = schedule(request)
+    print(json.dumps(ids, indent=2))
     return 0
 
 
