@@ -1,11 +1,10 @@
 """train: reward fine-tuning that resumes from its last checkpoint, so a retried pod continues (trainer image)."""
 
-from typing import List  # noqa: UP035 - KFP's type parser needs typing.List
-
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.images import TRAINER_IMAGE
+
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def train(
@@ -20,7 +19,7 @@ def train(
     num_gpus: int = 1,
     workdir: str = "",
     run_id: str = "",
-) -> List[str]:
+) -> list[str]:
     """Trains in `workdir/run_id` (a PVC) when given, else in the artifact; returns checkpoint names for the fan-out."""
     from rewardtune.stages import param_overrides, train_for_pipeline
 
