@@ -39,6 +39,10 @@ class PromptsConfig(_Strict):
         "simple_animals", description="A built-in prompt set name or a path to a .txt/.jsonl/.csv file."
     )
     template: str = Field("{}", description="Format string applied to every prompt, e.g. 'a photo of a {}'.")
+    heldout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of distinct prompts that prepare-prompts holds out for evaluation."
+    )
+    split_seed: int = Field(0, description="Seed of the train/held-out split (independent of training.seed).")
 
     @model_validator(mode="after")
     def _template_has_slot(self) -> PromptsConfig:
