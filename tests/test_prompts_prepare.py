@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import yaml
+
 from rewardtune.errors import RewardtuneError
 from rewardtune.prompts import builtin_prompts, load_prompts, split_prompts
 from rewardtune.stages import prepare_prompts
-
 from tests.conftest import tiny_config_dict
 
 
