@@ -5,6 +5,10 @@ model, nothing to download). Medians over the timed epochs; the first epoch is w
 
     python benchmarks/rl_epoch.py                                  # tiny, CPU
     python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16
+    python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16 --compare-trl --fused-steps 1,4
+
+`--compare-trl` times TRL 0.23.1's DDPOTrainer (a benchmark-only extra: `pip install --no-deps trl==0.23.1`,
+never a runtime dependency) in the same process on the same pipeline directory and settings.
 """
 
 from __future__ import annotations
@@ -33,12 +37,66 @@ def build_config(args: argparse.Namespace, model_dir: Path) -> dict:
         "reward": {"name": args.reward},
         "algorithm": {"name": args.algorithm},
         "training": {"epochs": args.epochs + 1, "batch_size": args.train_batch,
-                     "gradient_accumulation_steps": args.images_per_epoch // args.train_batch // 2 or 1,
+                     "gradient_accumulation_steps": args.grad_accum, "fused_steps": args.fused,
                      "timestep_fraction": 1.0, "mixed_precision": args.mixed_precision, "learning_rate": 3e-4,
                      "stat_tracking": {"enabled": False}},
         "logging": {"progress_bars": False},
         "device": args.device,
     }
+
+
+def epoch_flops(trainer: Trainer, samples) -> float:
+    """FLOPs of one epoch: one counted sampling UNet call and one counted training chunk, scaled by their counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = trainer.cfg
+    batch = trainer._shuffled(samples, torch.Generator().manual_seed(0))
+    chunks = trainer._micro_steps(len(samples))
+    view = trainer._view(batch, chunks[0])
+    with FlopCounterMode(display=False) as train_counter:
+        trainer.log_prob_of(view).sum().backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as sample_counter, torch.no_grad():
+        rows = slice(0, cfg.sampling.batch_size)
+        trainer.policy_log_prob(batch, rows, 0)
+    sampling_calls = cfg.sampling.batches_per_epoch * cfg.sampling.num_steps
+    return sampling_calls * sample_counter.get_total_flops() + len(chunks) * cfg.training.inner_epochs * train_counter.get_total_flops()
+
+
+def time_trl(args: argparse.Namespace, model_dir: Path, workdir: Path) -> list[dict]:
+    """TRL's DDPOTrainer at the same setting (its default fp16 mixed precision, LoRA rank 4)."""
+    import random
+
+    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    from rewardtune.prompts import builtin_prompts
+
+    prompts = builtin_prompts("simple_animals")
+    config = DDPOConfig(
+        num_epochs=args.epochs + 1, sample_num_steps=args.steps, sample_eta=1.0, sample_guidance_scale=5.0,
+        sample_batch_size=args.sample_batch, sample_num_batches_per_epoch=args.images_per_epoch // args.sample_batch,
+        train_batch_size=args.train_batch, train_gradient_accumulation_steps=args.grad_accum, train_timestep_fraction=1.0,
+        train_learning_rate=3e-4, mixed_precision=args.trl_mixed_precision, per_prompt_stat_tracking=False,
+        async_reward_computation=False, log_with=None, save_freq=10**6, allow_tf32=True,
+        project_kwargs={"project_dir": str(workdir), "logging_dir": str(workdir / "logs")},
+    )
+    pipeline = DefaultDDPOStableDiffusionPipeline(str(model_dir), use_lora=True)
+    trainer = DDPOTrainer(
+        config,
+        lambda images, prompts_, metadata: (images.float().mean(dim=(1, 2, 3)), {}),
+        lambda: (random.choice(prompts), {}),
+        pipeline,
+    )
+    rows, global_step = [], 0
+    for epoch in range(args.epochs + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        global_step = trainer.step(epoch, global_step)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        if epoch:
+            rows.append({"total_s": total, "images_per_s": args.images_per_epoch / total})
+    return rows
 
 
 def time_epochs(trainer: Trainer, epochs: int) -> list[dict]:
@@ -73,6 +131,10 @@ def main() -> None:
     parser.add_argument("--images-per-epoch", type=int, default=None)
     parser.add_argument("--sample-batch", type=int, default=None)
     parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step (x timesteps)")
+    parser.add_argument("--fused-steps", default="1", help="comma-separated training.fused_steps values to time")
+    parser.add_argument("--compare-trl", action="store_true", help="also time TRL's DDPOTrainer in this process")
+    parser.add_argument("--trl-mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -82,22 +144,49 @@ def main() -> None:
     args.images_per_epoch = args.images_per_epoch or (32 if big else 16)
     args.sample_batch = args.sample_batch or (8 if big else 4)
 
+    on_gpu = args.device == "cuda"
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_tiny(Path(tmp) / args.preset, preset=args.preset)
-        trainer = Trainer(parse_config(build_config(args, model_dir)), Path(tmp) / "run")
-        if trainer.device.type == "cuda":
+        if args.compare_trl:
             torch.cuda.reset_peak_memory_stats()
-        rows = time_epochs(trainer, args.epochs)
-    median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
-    result = {"preset": args.preset, "algorithm": args.algorithm, "device": str(trainer.device),
-              "gpu": torch.cuda.get_device_name() if trainer.device.type == "cuda" else None,
-              "steps": args.steps, "images_per_epoch": args.images_per_epoch, "mixed_precision": args.mixed_precision,
-              "torch": torch.__version__, **{f"median_{k}": round(v, 4) for k, v in median.items()},
-              "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if trainer.device.type == "cuda" else None}
-    for key, value in result.items():
-        print(f"{key:>24}: {value}")
+            rows = time_trl(args, model_dir, Path(tmp) / "trl")
+            results.append(summarize("trl-0.23.1-ddpo", rows, None, args))
+            torch.cuda.empty_cache()
+        for fused in [int(f) for f in str(args.fused_steps).split(",")]:
+            args.fused = fused
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            trainer = Trainer(parse_config(build_config(args, model_dir)), Path(tmp) / f"run-{fused}")
+            rows = time_epochs(trainer, args.epochs)
+            flops = epoch_flops(trainer, trainer.sample_epoch(0, EpochTimes())) if on_gpu else None
+            results.append(summarize(f"rewardtune-{args.algorithm}-fused{fused}", rows, flops, args))
+            del trainer
+            if on_gpu:
+                torch.cuda.empty_cache()
+    base = results[0]["median_images_per_s"]
+    header = ["name", "median_sampling_s", "median_reward_s", "median_training_s", "median_total_s",
+              "median_images_per_s", "ratio", "tflops", "peak_memory_gb"]
+    print(" | ".join(header))
+    for row in results:
+        row["ratio"] = round(row["median_images_per_s"] / base, 2)
+        print(" | ".join(str(row.get(h, "")) for h in header))
+    meta = {"gpu": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "preset": args.preset,
+            "steps": args.steps, "images_per_epoch": args.images_per_epoch, "sample_batch": args.sample_batch,
+            "train_batch": args.train_batch, "grad_accum": args.grad_accum, "mixed_precision": args.mixed_precision}
+    print(json.dumps(meta))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+def summarize(name: str, rows: list[dict], flops: float | None, args: argparse.Namespace) -> dict:
+    median = {f"median_{k}": round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
+    out = {"name": name, **median}
+    if flops is not None:
+        out["tflops"] = round(flops / median["median_total_s"] / 1e12, 1)
+    if args.device == "cuda":
+        out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 if __name__ == "__main__":
