@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 from rewardtune.config import parse_config
 from rewardtune.errors import CheckpointError
-from rewardtune.evaluate import evaluate_run, noise_seed, pairwise_cosine_distance, read_evaluations, summary_stats
+from rewardtune.evaluate import (
+    evaluate_run,
+    noise_seed,
+    pairwise_cosine_distance,
+    read_evaluations,
+    summary_stats,
+)
 
 from tests.conftest import tiny_config_dict
 

@@ -26,7 +26,7 @@ def change_per_gain(unseen: Sequence[float], train: Sequence[float]) -> list[flo
     """
     if len(unseen) != len(train):
         raise ValueError(f"unseen has {len(unseen)} checkpoints but train has {len(train)}")
-    return [None if gain == 0 else delta / gain for delta, gain in zip(change_from_base(unseen), change_from_base(train))]
+    return [None if gain == 0 else delta / gain for delta, gain in zip(change_from_base(unseen), change_from_base(train), strict=True)]
 
 
 def first_below_base(series: Sequence[float], tolerance: float = 0.0) -> int | None:
