@@ -25,9 +25,9 @@ EVAL = {"num_heldout_prompts": 3, "num_train_prompts": 2, "images_per_prompt": 2
         "grid_prompts": 2}
 
 
-def tiny_eval_config(model_dir: Path, **sections):
-    """The tiny config cut to 4 trajectories per epoch, 2 epochs, a checkpoint per epoch, and a small evaluation."""
-    overrides = ["training.epochs=2", "sampling.batches_per_epoch=1", "training.gradient_accumulation_steps=1",
+def tiny_eval_config(model_dir: Path, epochs: int = 2, **sections):
+    """The tiny config cut to 4 trajectories per epoch, `epochs` epochs, a checkpoint per epoch, a small evaluation."""
+    overrides = [f"training.epochs={epochs}", "sampling.batches_per_epoch=1", "training.gradient_accumulation_steps=1",
                  "checkpointing.every_epochs=1", "checkpointing.keep_last=2"]
     return parse_config(tiny_config_dict(model_dir, evaluation=dict(EVAL), **sections), overrides)
 

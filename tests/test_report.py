@@ -24,7 +24,8 @@ from tests.test_evaluate import tiny_eval_config
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """Two 2-epoch tiny DDPO runs (training seeds 0 and 1), evaluated on the same held-out prompts and seeds.
+    """Two tiny DDPO runs (2 epochs, seed 0; 1 epoch, seed 1: cheaper, unequal lengths), evaluated on the
+    same held-out prompts and seeds.
 
     The first run's metrics.jsonl gets a reset event and lambda_/constraint_ values added by hand, so the
     reset markers and the CDPO curves are drawn without a slower CDPO run."""
@@ -35,8 +36,8 @@ def two_runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     prompts.mkdir()
     (prompts / "heldout.txt").write_text("zebra\nkoala\nllama\n")
     runs = {}
-    for label, seed in (("ddpo-a", 0), ("ddpo-b", 1)):
-        cfg = tiny_eval_config(tiny_model_dir, training={"seed": seed})
+    for label, seed, epochs in (("ddpo-a", 0, 2), ("ddpo-b", 1, 1)):
+        cfg = tiny_eval_config(tiny_model_dir, epochs, training={"seed": seed})
         Trainer(cfg, root / label).run()
         evaluate_run(cfg, root / label, prompts, root / f"{label}-eval")
         runs[label] = (root / label, root / f"{label}-eval")
@@ -132,7 +133,8 @@ def test_cli_evaluate_and_report(two_runs, tiny_model_dir, tmp_path, capsys):
 
     run, ev = two_runs["ddpo-b"]
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_eval_config(tiny_model_dir, training={"seed": 1}).model_dump(mode="json")))
+    cfg = tiny_eval_config(tiny_model_dir, 1, training={"seed": 1})
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     # everything is already evaluated: the CLI must skip it all and report the same directory
     assert main(["evaluate", "--config", str(config), "--run", str(run), "--out", str(ev),
                  "--prompts", str(ev.parent / "prompts")]) == 0
