@@ -74,6 +74,41 @@ def _cmd_prepare_prompts(args: argparse.Namespace) -> None:
     print(f"held-out prompts: {Path(args.out) / HELDOUT_FILE} ({summary['num_heldout']})")
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from rewardtune.config import load_config
+    from rewardtune.evaluate import evaluate_run
+
+    cfg = load_config(args.config, args.set)
+    prompts = Path(args.prompts) if args.prompts else None
+    paths = evaluate_run(cfg, Path(args.run), prompts, Path(args.out), checkpoint=args.checkpoint)
+    print(f"evaluated {len(paths)} checkpoint(s) into {args.out}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    import json
+
+    from rewardtune.checkpoint import write_json_atomic
+    from rewardtune.report import build_report
+
+    if len(args.run) != len(args.eval):
+        raise RewardtuneError(f"give one --eval per --run (got {len(args.run)} --run, {len(args.eval)} --eval)")
+    if args.label and len(args.label) != len(args.run):
+        raise RewardtuneError(f"give one --label per --run (got {len(args.label)} labels for {len(args.run)} runs)")
+    for directory in [*args.run, *args.eval]:
+        if not Path(directory).is_dir():
+            raise RewardtuneError(f"{directory} is not a directory")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        headline = build_report([Path(r) for r in args.run], [Path(e) for e in args.eval], out / "report.html",
+                                out / "report.md", args.label or None)
+    except ValueError as err:
+        raise RewardtuneError(str(err)) from None
+    write_json_atomic(out / "headline.json", headline)
+    print(f"report: {out / 'report.html'}")
+    print(json.dumps(headline, indent=1, sort_keys=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -126,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.epochs=3")
     train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score base + kept checkpoints on held-out prompts and unseen rewards")
+    evaluate.add_argument("--config", required=True)
+    evaluate.add_argument("--run", required=True, help="run directory of `rewardtune train` (holds checkpoints/)")
+    evaluate.add_argument("--out", required=True, help="evaluation directory; checkpoints already there are skipped")
+    evaluate.add_argument("--prompts", help="directory with heldout.txt (and train.txt) from prepare-prompts")
+    evaluate.add_argument("--checkpoint", help="evaluate only base and this checkpoint (e.g. epoch-000004)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluation.seed=1")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    report = sub.add_parser("report", help="self-contained HTML report + Markdown summary (several runs: overlaid)")
+    report.add_argument("--run", action="append", required=True, help="run directory (repeat to compare runs)")
+    report.add_argument("--eval", action="append", required=True, help="its evaluation directory (same order)")
+    report.add_argument("--label", action="append", default=[], help="one label per run (default: run dir names)")
+    report.add_argument("--out", required=True, help="writes report.html, report.md and headline.json here")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

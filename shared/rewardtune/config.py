@@ -210,6 +210,25 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(3, ge=1, description="Newest checkpoints kept; reset checkpoints are always kept.")
 
 
+class EvaluationConfig(_Strict):
+    """Held-out evaluation (`rewardtune evaluate`): which prompts, how many images, which seeds.
+
+    Every image's noise comes from (seed, prompt, image index) alone, so the same prompt and index
+    gives the same initial and per-step noise at every checkpoint and the images are comparable.
+    """
+
+    num_heldout_prompts: int = Field(16, ge=1, description="Held-out prompts evaluated (the first N of a seeded shuffle).")
+    num_train_prompts: int = Field(8, ge=0, description="Training prompts evaluated beside them (0 for none).")
+    images_per_prompt: int = Field(4, ge=1, description="Images per prompt; diversity needs at least 2.")
+    seed: int = Field(20240601, description="Base of every per-image noise seed (independent of training.seed).")
+    batch_size: int = Field(16, ge=1, description="Images generated and scored per batch.")
+    image_tower: str | None = Field(
+        None,
+        description="CLIP vision source for diversity/drift embeddings; None uses the pixel fallback (not CLIP).",
+    )
+    grid_prompts: int = Field(4, ge=1, description="Held-out prompts shown in the image grids.")
+
+
 class LoggingConfig(_Strict):
     progress_bars: bool = True
 
@@ -224,6 +243,7 @@ class RunConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

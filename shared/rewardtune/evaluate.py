@@ -1,0 +1,493 @@
+"""Held-out evaluation: the base model and every kept checkpoint, scored on the training reward and
+on rewards the policy never saw, with diversity and drift from the base model.
+
+Comparability: the noise of image j of prompt p (initial latent and every DDIM step's noise) comes
+from its own CPU generator seeded by (evaluation.seed, p, j) alone, so it is the same at every
+checkpoint, in every batch composition and on every device. Differences between checkpoints'
+images are then the policy's doing, not the sampler's.
+
+Layout of `out_dir` (metrics.json is written last, atomically: its presence means "done"):
+
+    eval_settings.json            what was evaluated; a later call with other settings is refused
+    <checkpoint>/metrics.json     see `checkpoint_metrics` for the fields
+    <checkpoint>/samples.jsonl    one record per image: split, prompt, index, seed, every reward
+    <checkpoint>/embeddings.npy   [N, d] image embeddings in samples.jsonl order (drift needs base's)
+    <checkpoint>/images/*.png     <split>-<prompt index>-<image index>.png
+    <checkpoint>/grid.png         held-out prompts (rows) x images (columns)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
+from rewardtune.config import RewardSpec, RunConfig
+from rewardtune.errors import CheckpointError, RewardtuneError
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+SPLITS = ("heldout", "train")
+# Two-sided 95% Student-t quantiles by degrees of freedom (scipy is not a dependency); 1.96 beyond 30.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def summary_stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std and the Student-t 95% CI of the mean over `values` (one value per prompt)."""
+    array = np.asarray(values, dtype=np.float64)
+    n = int(array.size)
+    if n == 0:
+        raise ValueError("summary_stats needs at least one value")
+    mean = float(array.mean())
+    std = float(array.std(ddof=1)) if n > 1 else 0.0
+    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * std / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
+
+
+def pairwise_cosine_distance(embeddings: torch.Tensor) -> float | None:
+    """Mean of 1 − cos over all unordered pairs of rows (rows L2-normalized); None for fewer than 2 rows."""
+    n = embeddings.shape[0]
+    if n < 2:
+        return None
+    sims = embeddings.double() @ embeddings.double().T
+    upper = torch.triu_indices(n, n, offset=1)
+    return float((1 - sims[upper[0], upper[1]]).mean())
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+class Embedder(Protocol):
+    """What diversity and drift need: `embed(images [B,3,H,W] in [0,1]) -> [B, d]`, rows L2-normalized."""
+
+    name: str
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class PixelEmbedder:
+    """FALLBACK embedding, used only when `evaluation.image_tower` is unset: the image area-downsampled
+    to 16x16, centred per image, L2-normalized.
+
+    It sees layout and colour, not content, so its diversity and drift are a weaker proxy than CLIP's;
+    the report says which embedding was used.
+    """
+
+    name = "pixel-16x16 (fallback, not CLIP)"
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        small = torch.nn.functional.adaptive_avg_pool2d(images.float(), self.size).flatten(1)
+        small = small - small.mean(dim=1, keepdim=True)
+        return torch.nn.functional.normalize(small, dim=1)
+
+
+class _TowerEmbedder:
+    def __init__(self, tower: Any, source: str) -> None:
+        self.tower, self.name = tower, f"CLIP image tower ({source})"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.tower.embed(images).float(), dim=1)
+
+
+def load_embedder(source: str | None, device: torch.device) -> Embedder:
+    """The CLIP image tower named by `evaluation.image_tower`, or the pixel fallback when it is unset."""
+    if source is None:
+        return PixelEmbedder()
+    try:
+        from rewardtune.rewards.towers import load_clip_image_tower
+    except ImportError:
+        raise RewardtuneError(
+            f"evaluation.image_tower={source!r} needs rewardtune.rewards.towers, which this build lacks; "
+            "unset evaluation.image_tower to use the pixel fallback embedding"
+        ) from None
+    return _TowerEmbedder(load_clip_image_tower(source, device), source)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class EvalItem:
+    """One image to generate: prompt `index` of `split`, image number `image`, with its noise seed."""
+
+    split: str
+    index: int
+    prompt: str
+    image: int
+    seed: int
+
+
+def noise_seed(seed: int, prompt: str, image: int) -> int:
+    """A stable 63-bit seed from (seed, prompt, image index): Python's hash() is salted per process."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}\x00{image}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _seeded_sample(prompts: list[str], n: int, seed: int) -> list[str]:
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [prompts[i] for i in order[:n]]
+
+
+def select_prompts(cfg: RunConfig, prompts_dir: Path | None) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Held-out and training prompts to evaluate, and where they came from.
+
+    Held-out prompts come from `prompts_dir/heldout.txt` (raw prompts, the config's template applied, as for
+    any prompt source); without it they fall back to the config's prompt source and are then NOT disjoint
+    from training, which is recorded (`heldout_disjoint: false`) and shown in the report.
+    """
+    from rewardtune.prompts import load_prompts
+
+    ev, template = cfg.evaluation, cfg.prompts.template
+    heldout_file = prompts_dir / "heldout.txt" if prompts_dir is not None else None
+    train_file = prompts_dir / "train.txt" if prompts_dir is not None else None
+    disjoint = heldout_file is not None and heldout_file.is_file()
+    heldout_pool = load_prompts(str(heldout_file), template) if disjoint else load_prompts(cfg.prompts.source, template)
+    use_train_file = train_file is not None and train_file.is_file()
+    train_pool = load_prompts(str(train_file), template) if use_train_file else load_prompts(cfg.prompts.source, template)
+    heldout = _seeded_sample(heldout_pool, ev.num_heldout_prompts, ev.seed)
+    if not disjoint:  # keep the two splits apart where the pool allows
+        rest = [p for p in train_pool if p not in set(heldout)]
+        train_pool = rest or train_pool
+    train = _seeded_sample(train_pool, ev.num_train_prompts, ev.seed + 1)
+    info = {
+        "heldout_source": str(heldout_file) if disjoint else cfg.prompts.source,
+        "train_source": str(train_file) if use_train_file else cfg.prompts.source,
+        "heldout_disjoint": disjoint,
+    }
+    return {"heldout": heldout, "train": train}, info
+
+
+def eval_items(prompts: dict[str, list[str]], images_per_prompt: int, seed: int) -> list[EvalItem]:
+    return [
+        EvalItem(split, i, prompt, j, noise_seed(seed, prompt, j))
+        for split in SPLITS
+        for i, prompt in enumerate(prompts[split])
+        for j in range(images_per_prompt)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+def unseen_reward_specs(cfg: RunConfig) -> list[RewardSpec]:
+    """`cfg.eval_rewards`, or by default every other registered reward that builds without a source."""
+    if cfg.eval_rewards:
+        return list(cfg.eval_rewards)
+    from rewardtune.rewards import reward_names
+
+    seen = {cfg.reward.name, *(c.reward.name for c in cfg.algorithm.constraints)}
+    return [RewardSpec(name=name) for name in reward_names() if name not in seen]
+
+
+def build_rewards(cfg: RunConfig, device: torch.device) -> dict[str, tuple[str, Any]]:
+    """name -> (role, reward fn); roles: train, constraint (CDPO's auxiliaries) and unseen."""
+    from rewardtune.rewards import build_reward
+
+    rewards: dict[str, tuple[str, Any]] = {cfg.reward.name: ("train", build_reward(cfg.reward, device))}
+    for constraint in cfg.algorithm.constraints:
+        rewards.setdefault(constraint.reward.name, ("constraint", build_reward(constraint.reward, device)))
+    explicit = bool(cfg.eval_rewards)
+    for spec in unseen_reward_specs(cfg):
+        if spec.name in rewards:
+            continue
+        try:
+            rewards[spec.name] = ("unseen", build_reward(spec, device))
+        except Exception as err:  # defaults only: a learned reward without a source is skipped, not fatal
+            if explicit:
+                raise
+            log.warning("default unseen reward '%s' skipped: %s", spec.name, err)
+    return rewards
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_names(run_dir: Path, checkpoint: str | None = None) -> list[str]:
+    """"base" first, then every valid kept checkpoint (or only the named one), oldest first."""
+    root = run_dir / "checkpoints"
+    if checkpoint == BASE:
+        return [BASE]
+    if checkpoint is not None:
+        if not (root / checkpoint).is_dir():
+            found = ", ".join(p.name for p in list_checkpoints(root)) or "none"
+            raise CheckpointError(f"no checkpoint {checkpoint!r} in {root} (found: {found}; or use 'base')")
+        verify_checkpoint(root / checkpoint)
+        return [BASE, checkpoint]
+    names = [BASE]
+    for path in list_checkpoints(root):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("not evaluated: %s", err)
+            continue
+        names.append(path.name)
+    return names
+
+
+def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
+    """Epoch, kind and samples seen of a checkpoint; base is epoch 0, 0 samples."""
+    if name == BASE:
+        return {"epoch": 0, "kind": BASE, "samples": 0}
+    path = run_dir / "checkpoints" / name
+    manifest = json.loads((path / "manifest.json").read_text())
+    state_file = path / "trainer_state.json"
+    samples = json.loads(state_file.read_text()).get("samples_seen") if state_file.is_file() else None
+    return {"epoch": manifest["epochs_done"], "kind": manifest["kind"], "samples": samples}
+
+
+def hardware_info(device: torch.device) -> dict[str, Any]:
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- the evaluator
+class Evaluator:
+    """Holds one pipeline, the rewards and the embedder; `evaluate(name)` switches weights and scores."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, prompts_dir: Path | None, embedder: Embedder | None = None) -> None:
+        from rewardtune.diffusion import encode_prompts
+        from rewardtune.models import load_pipeline, prepare_policy
+        from rewardtune.trainer import resolve_device
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = resolve_device(cfg.device)
+        self.pipe = load_pipeline(cfg.model)
+        prepare_policy(self.pipe, cfg.model, self.device, gradient_checkpointing=False)
+        self.pipe.unet.eval()
+        self.loaded: str | None = BASE
+        self.rewards = build_rewards(cfg, self.device)
+        self.embedder = embedder or load_embedder(cfg.evaluation.image_tower, self.device)
+        self.prompts, self.prompt_info = select_prompts(cfg, prompts_dir)
+        self.items = eval_items(self.prompts, cfg.evaluation.images_per_prompt, cfg.evaluation.seed)
+        self.negative = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sampling.negative_prompt])
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that makes two evaluations comparable; stored once per output directory."""
+        s = self.cfg.sampling
+        return {
+            "evaluation": self.cfg.evaluation.model_dump(mode="json"),
+            "sampling": {"num_steps": s.num_steps, "eta": s.eta, "guidance_scale": s.guidance_scale,
+                         "resolution": s.resolution, "negative_prompt": s.negative_prompt},
+            "model_source": self.cfg.model.source,
+            "rewards": {name: role for name, (role, _) in self.rewards.items()},
+            "embedding": self.embedder.name,
+            "prompts": self.prompts,
+            **self.prompt_info,
+        }
+
+    def load(self, name: str) -> None:
+        """Put checkpoint `name`'s policy weights into the UNet (base: adapters off; full fine-tuning: base first)."""
+        from rewardtune.models import load_policy_weights
+
+        if name == self.loaded:
+            return
+        unet, lora = self.pipe.unet, self.cfg.model.finetune == "lora"
+        if name == BASE:
+            if not lora:
+                raise RewardtuneError("internal: a fully fine-tuned UNet cannot return to base; evaluate base first")
+            unet.disable_adapters()
+        else:
+            path = self.run_dir / "checkpoints" / name
+            meta = verify_checkpoint(path).get("meta", {})
+            for key, want in (("finetune", self.cfg.model.finetune),
+                              ("lora_rank", self.cfg.model.lora_rank if lora else None)):
+                if key in meta and meta[key] != want:
+                    raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]!r}, the config has {want!r}")
+            if lora:
+                unet.enable_adapters()
+            load_policy_weights(unet, self.cfg.model, path)
+        self.loaded = name
+
+    @torch.no_grad()
+    def generate(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+        """Images [N,3,H,W] (CPU), scores per reward [N], embeddings [N,d] and timings, for `self.items`."""
+        from rewardtune.diffusion import encode_prompts, sample_trajectories
+        from rewardtune.rewards import check_finite
+
+        s, bs = self.cfg.sampling, self.cfg.evaluation.batch_size
+        images, embeds = [], []
+        scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.rewards}
+        t_gen = t_score = 0.0
+        for start in range(0, len(self.items), bs):
+            batch = self.items[start : start + bs]
+            prompts = [item.prompt for item in batch]
+            t0 = time.perf_counter()
+            prompt_embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
+            traj = sample_trajectories(
+                self.pipe.unet, self.pipe.vae, self.pipe.scheduler, prompt_embeds,
+                self.negative.expand(len(batch), -1, -1), num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                eta=s.eta, resolution=s.resolution,
+                generator=[torch.Generator().manual_seed(item.seed) for item in batch],  # type: ignore[arg-type]
+                autocast_dtype=self.autocast_dtype,
+            )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            for name, (_, fn) in self.rewards.items():
+                scores[name].append(check_finite(name, fn(traj.images, prompts).float(), prompts).cpu())
+            embeds.append(self.embedder.embed(traj.images).float().cpu())
+            t_score += time.perf_counter() - t1
+            t_gen += t1 - t0
+            images.append(traj.images.float().cpu())
+        timing = {"generation_s": t_gen, "scoring_s": t_score, "images": len(self.items),
+                  "images_per_s": len(self.items) / max(t_gen + t_score, 1e-9)}
+        return torch.cat(images), {k: torch.cat(v) for k, v in scores.items()}, torch.cat(embeds), timing
+
+
+def _per_prompt(items: list[EvalItem], values: np.ndarray, split: str) -> dict[int, np.ndarray]:
+    groups: dict[int, list[int]] = {}
+    for row, item in enumerate(items):
+        if item.split == split:
+            groups.setdefault(item.index, []).append(row)
+    return {index: values[rows] for index, rows in groups.items()}
+
+
+def checkpoint_metrics(
+    items: list[EvalItem],
+    scores: dict[str, torch.Tensor],
+    roles: dict[str, str],
+    embeddings: torch.Tensor,
+    base_embeddings: torch.Tensor,
+) -> dict[str, Any]:
+    """The per-checkpoint numbers; every statistic is over prompts (each prompt's mean over its images).
+
+    rewards[name] = {role, heldout, train}; diversity / drift = {heldout, train}; each split is
+    {mean, std, ci95: [lo, hi], n} or None (no prompts in that split, or diversity with 1 image per prompt).
+    diversity: per prompt, the mean pairwise cosine distance of its images' embeddings.
+    drift: per prompt, the mean over images of 1 − cos(embedding, base model's embedding, same prompt and seed).
+    """
+    out: dict[str, Any] = {"rewards": {}, "diversity": {}, "drift": {}}
+    for name, values in scores.items():
+        entry: dict[str, Any] = {"role": roles[name]}
+        for split in SPLITS:
+            groups = _per_prompt(items, values.double().numpy(), split)
+            entry[split] = summary_stats([g.mean() for g in groups.values()]) if groups else None
+        out["rewards"][name] = entry
+    emb = embeddings.double()
+    drift = (1 - (emb * base_embeddings.double()).sum(dim=1)).numpy()
+    for split in SPLITS:
+        rows = _per_prompt(items, np.arange(len(items)), split)
+        diversity = [d for r in rows.values() if (d := pairwise_cosine_distance(emb[r])) is not None]
+        out["diversity"][split] = summary_stats(diversity) if diversity else None
+        out["drift"][split] = summary_stats([drift[r].mean() for r in rows.values()]) if rows else None
+    return out
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def image_grid(images: list[Image.Image], columns: int, pad: int = 2) -> Image.Image:
+    """Images row-major into a grid with a white `pad`-pixel gutter."""
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for k, image in enumerate(images):
+        grid.paste(image, (pad + (k % columns) * (w + pad), pad + (k // columns) * (h + pad)))
+    return grid
+
+
+def image_filename(item: EvalItem) -> str:
+    return f"{item.split}-{item.index:03d}-{item.image:02d}.png"
+
+
+def _write_outputs(ev: Evaluator, name: str, out: Path, images: torch.Tensor, scores: dict[str, torch.Tensor],
+                   embeddings: torch.Tensor, metrics: dict[str, Any]) -> Path:
+    """Images, samples, embeddings, grid, then metrics.json last (atomically) as the completion marker."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    pil = [_to_pil(image) for image in images]
+    for item, image in zip(ev.items, pil, strict=True):
+        image.save(out / "images" / image_filename(item))
+    lines = [json.dumps({"split": it.split, "index": it.index, "prompt": it.prompt, "image": it.image, "seed": it.seed,
+                         **{r: float(v[k]) for r, v in scores.items()}}) for k, it in enumerate(ev.items)]
+    (out / "samples.jsonl").write_text("".join(line + "\n" for line in lines))
+    np.save(out / "embeddings.npy", embeddings.numpy())
+    shown = [k for k, it in enumerate(ev.items) if it.split == "heldout" and it.index < ev.cfg.evaluation.grid_prompts]
+    image_grid([pil[k] for k in shown], ev.cfg.evaluation.images_per_prompt).save(out / "grid.png")
+    write_json_atomic(out / "metrics.json", metrics)
+    return out / "metrics.json"
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    path = out_dir / "eval_settings.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(settings)):
+            raise RewardtuneError(
+                f"{out_dir} holds an evaluation with other settings (prompts, seeds, rewards, sampling or embedding); "
+                "choose a new --out, or delete it to re-evaluate"
+            )
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, settings)
+
+
+def evaluate_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    prompts_dir: Path | None,
+    out_dir: Path,
+    checkpoint: str | None = None,
+    *,
+    embedder: Embedder | None = None,
+) -> list[Path]:
+    """Evaluate base and every kept checkpoint of `run_dir` (or base and `checkpoint`); returns their metrics.json paths.
+
+    A checkpoint whose metrics.json exists is skipped (resumable). Base is always evaluated first: drift is
+    measured against its embeddings.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    names = checkpoint_names(run_dir, checkpoint)
+    todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
+    paths = [out_dir / n / "metrics.json" for n in names]
+    for name in names:
+        if name not in todo:
+            log.info("checkpoint %s already evaluated; skipped", name)
+    if not todo:
+        return paths
+    ev = Evaluator(cfg, run_dir, prompts_dir, embedder)
+    _check_settings(out_dir, ev.settings())
+    roles = {name: role for name, (role, _) in ev.rewards.items()}
+    base_embeddings = None
+    if BASE not in todo:
+        base_embeddings = torch.from_numpy(np.load(out_dir / BASE / "embeddings.npy"))
+    for name in todo:
+        ev.load(name)
+        log.info("evaluating %s on %d images", name, len(ev.items))
+        images, scores, embeddings, timing = ev.generate()
+        if base_embeddings is None:
+            base_embeddings = embeddings
+        metrics = {
+            "checkpoint": name,
+            **checkpoint_info(run_dir, name),
+            "train_reward": cfg.reward.name,
+            "embedding": ev.embedder.name,
+            "images_per_prompt": cfg.evaluation.images_per_prompt,
+            "num_prompts": {split: len(ev.prompts[split]) for split in SPLITS},
+            **ev.prompt_info,
+            **checkpoint_metrics(ev.items, scores, roles, embeddings, base_embeddings),
+            "timing": timing,
+            "hardware": hardware_info(ev.device),
+        }
+        _write_outputs(ev, name, out_dir / name, images, scores, embeddings, metrics)
+    return paths
+
+
+def read_evaluations(eval_dir: Path) -> list[dict[str, Any]]:
+    """Every metrics.json under `eval_dir`, base first, then by samples seen, epoch and name."""
+    records = [json.loads(p.read_text()) for p in Path(eval_dir).glob("*/metrics.json")]
+    return sorted(records, key=lambda r: (r["checkpoint"] != BASE, r.get("samples") or 0, r["epoch"], r["checkpoint"]))
