@@ -121,7 +121,7 @@ def _tower(spec) -> str:
     return spec.source or DEFAULT_SOURCE
 
 
-@register("hpsv2")
+@register("hpsv2", options=("revision", "dtype", "files", "checkpoint", "arch"))
 def _build(spec, device: torch.device) -> HPSv2:
     dtype = getattr(torch, spec.options.get("dtype", "float32"))
     ref = _ref(spec)
