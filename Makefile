@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo compile test test-all lint clean
 
 $(BIN)/rewardtune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,20 +17,24 @@ $(BIN)/rewardtune: pyproject.toml
 
 install: $(BIN)/rewardtune
 
+# The pipeline under kfp.local on the tiny default (builds runs/tiny-sd if missing); prints where outputs are.
 demo: install
 	$(BIN)/rewardtune init-tiny --out runs/tiny-sd --exist-ok
-	rm -rf runs/demo
-	$(BIN)/rewardtune train --config configs/tiny.yaml --out runs/demo
+	rm -rf runs/kfp-local
+	$(BIN)/python pipelines/run_local.py --root runs/kfp-local --model runs/tiny-sd
+
+compile: install
+	$(BIN)/python pipelines/compile.py
 
 test: install
-	$(BIN)/ruff check shared tests benchmarks
+	$(BIN)/ruff check shared tests benchmarks pipelines components images
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-all: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check shared tests benchmarks
+	$(BIN)/ruff check shared tests benchmarks pipelines components images
 
 clean:
 	rm -rf runs .pytest_cache

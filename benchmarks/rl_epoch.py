@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from rewardtune.config import parse_config
 from rewardtune.tiny import PRESETS, init_tiny
 from rewardtune.trainer import EpochTimes, Trainer

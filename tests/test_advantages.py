@@ -1,6 +1,7 @@
 """Per-prompt reward normalization (DDPO's stat tracker) on hand-built numbers."""
 
 import numpy as np
+
 from rewardtune.advantages import EPS, PerPromptStatTracker, batch_normalized
 
 

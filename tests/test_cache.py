@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rewardtune.cache import (
     MANIFEST,
     CacheError,
@@ -26,7 +27,6 @@ from rewardtune.cache import (
 )
 from rewardtune.config import RewardSpec, parse_config
 from rewardtune.rewards import build_reward
-
 from tests.conftest import tiny_config_dict
 
 _AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL")
@@ -183,6 +183,7 @@ def test_cli_caches_every_model_of_a_config_and_training_reads_through_it(
 ):
     """URL + local sources -> S3 via `rewardtune cache-models`; then RT_MODEL_CACHE serves them offline."""
     import yaml
+
     from rewardtune.cli import main
     from rewardtune.models import resolve_model_dir
 

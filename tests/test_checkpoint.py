@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+
 from rewardtune.checkpoint import (
     latest_checkpoint,
     list_checkpoints,

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import yaml
+
 from rewardtune.config import load_config, parse_config
 from rewardtune.errors import ConfigError
-
 from tests.conftest import REPO, tiny_config_dict
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
+
 from rewardtune.diffusion import ddim_step_with_logprob
 from rewardtune.tiny import sd_scheduler
 

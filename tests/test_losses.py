@@ -3,6 +3,7 @@
 import math
 
 import torch
+
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+
 from rewardtune.config import RewardSpec
 from rewardtune.errors import RewardError
 from rewardtune.rewards import build_reward, critic_tower_source, reward_model_refs

@@ -65,6 +65,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoints: {out / 'checkpoints'}")
 
 
+def _cmd_prepare_prompts(args: argparse.Namespace) -> None:
+    from rewardtune.config import load_config
+    from rewardtune.stages import HELDOUT_FILE, TRAIN_FILE, prepare_prompts_from_config
+
+    summary = prepare_prompts_from_config(load_config(args.config, args.set), Path(args.out))
+    print(f"train prompts: {Path(args.out) / TRAIN_FILE} ({summary['num_train']})")
+    print(f"held-out prompts: {Path(args.out) / HELDOUT_FILE} ({summary['num_heldout']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -104,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.add_argument("--print", action="store_true", help="print the config with all defaults filled in")
     validate.set_defaults(func=_cmd_validate)
+
+    prep = sub.add_parser("prepare-prompts", help="write a seeded, disjoint train/held-out prompt split")
+    prep.add_argument("--config", required=True)
+    prep.add_argument("--out", required=True, help="directory for train.txt, heldout.txt, prompts.json")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. prompts.source=FILE")
+    prep.set_defaults(func=_cmd_prepare_prompts)
 
     train = sub.add_parser("train", help="run reward fine-tuning (DDPO / TDPO / TDPO-R / CDPO)")
     train.add_argument("--config", required=True)

@@ -39,6 +39,10 @@ class PromptsConfig(_Strict):
         "simple_animals", description="A built-in prompt set name or a path to a .txt/.jsonl/.csv file."
     )
     template: str = Field("{}", description="Format string applied to every prompt, e.g. 'a photo of a {}'.")
+    heldout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of distinct prompts that prepare-prompts holds out for evaluation."
+    )
+    split_seed: int = Field(0, description="Seed of the train/held-out split (independent of training.seed).")
 
     @model_validator(mode="after")
     def _template_has_slot(self) -> PromptsConfig:
@@ -175,6 +179,9 @@ class AlgorithmConfig(_Strict):
     def _constraints_only_for_cdpo(self) -> AlgorithmConfig:
         if self.name == "cdpo" and not self.constraints:
             raise ValueError("cdpo needs at least one entry in algorithm.constraints")
+        names = [c.reward.name for c in self.constraints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"algorithm.constraints name a reward twice ({names}); give each auxiliary reward once")
         if self.name != "cdpo" and self.constraints:
             raise ValueError(f"algorithm.constraints are only used by cdpo, not {self.name}; remove them or set name: cdpo")
         return self
@@ -196,6 +203,9 @@ class TrainingConfig(_Strict):
     clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
     timestep_fraction: float = Field(1.0, gt=0, le=1.0)
+    fused_steps: int = Field(
+        1, ge=1, description="Micro-steps fused into one UNet call: same loss and optimizer steps, larger batches."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     allow_tf32: bool = True

@@ -1,20 +1,37 @@
-"""Prompt sources: built-in sets shipped with the package, or a user file (.txt, .jsonl, .csv)."""
+"""Prompt sources: built-in sets shipped with the package, or a user file (.txt, .jsonl, .csv).
+
+Built-in sets mirror DDPO's prompt functions (Black et al., 2023) so paper runs are reproducible offline:
+`simple_animals` (45 animals), `imagenet_animals` (ImageNet classes 0-397), `imagenet_dogs` (151-268) and
+`imagenet_all`. Class names are the first name of each ImageNet-1k class.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 from importlib import resources
 from pathlib import Path
 
 from rewardtune.errors import RewardtuneError
 
-BUILTIN_SETS = {"simple_animals": "simple_animals.txt"}
+# name -> (data file, first line, end line): slices follow DDPO's `imagenet(low, high)`.
+_BUILTIN_SLICES: dict[str, tuple[str, int, int | None]] = {
+    "simple_animals": ("simple_animals.txt", 0, None),
+    "imagenet_animals": ("imagenet_classes.txt", 0, 398),
+    "imagenet_dogs": ("imagenet_classes.txt", 151, 269),
+    "imagenet_all": ("imagenet_classes.txt", 0, 1000),
+}
+BUILTIN_SETS = {name: spec[0] for name, spec in _BUILTIN_SLICES.items()}
+_FILE_SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
 def builtin_prompts(name: str) -> list[str]:
-    text = resources.files("rewardtune.data").joinpath(BUILTIN_SETS[name]).read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    if name not in _BUILTIN_SLICES:
+        raise RewardtuneError(f"unknown built-in prompt set '{name}'; choose one of {', '.join(BUILTIN_SETS)}")
+    filename, low, high = _BUILTIN_SLICES[name]
+    lines = resources.files("rewardtune.data").joinpath(filename).read_text().splitlines()[low:high]
+    return [line.strip() for line in lines if line.strip()]
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -23,7 +40,7 @@ def read_prompt_file(path: Path) -> list[str]:
     if b"\x00" in raw:
         raise RewardtuneError(f"prompt file {path} looks binary (contains NUL bytes); give a UTF-8 text file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise RewardtuneError(f"prompt file {path} is not UTF-8 ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
     suffix = path.suffix.lower()
@@ -33,14 +50,21 @@ def read_prompt_file(path: Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
+                item = json.loads(line)
+                value = item["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise RewardtuneError(f'prompt file {path} line {number}: expected a JSON object with a "prompt" key') from None
+            if not isinstance(value, str):
+                raise RewardtuneError(f'prompt file {path} line {number}: "prompt" must be a string, got {type(value).__name__}')
+            prompts.append(value)
     elif suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines(), strict=True))
+        except csv.Error as err:
+            raise RewardtuneError(f"prompt file {path} is not valid CSV: {err}") from None
         if rows and "prompt" not in rows[0]:
-            raise RewardtuneError(f"prompt file {path}: the CSV needs a 'prompt' column (found {sorted(rows[0])})")
-        prompts = [row["prompt"] for row in rows]
+            raise RewardtuneError(f"prompt file {path}: the CSV needs a 'prompt' column (found {sorted(k for k in rows[0] if k)})")
+        prompts = [row["prompt"] or "" for row in rows]
     else:
         prompts = text.splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
@@ -61,3 +85,44 @@ def load_prompts(source: str, template: str = "{}") -> list[str]:
             )
         prompts = read_prompt_file(path)
     return list(dict.fromkeys(template.format(p) for p in prompts))
+
+
+def split_prompts(prompts: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded, disjoint train/held-out split of deduplicated prompts; both sides non-empty when fraction > 0.
+
+    The held-out side is rounded to at least one prompt so evaluation always sees unseen prompts, and at
+    most len-1 so training always has data. Each side keeps the source order (stable diffs between runs).
+    """
+    unique = list(dict.fromkeys(prompts))
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise RewardtuneError(f"prompts.heldout_fraction must lie in [0, 1), got {heldout_fraction}")
+    if heldout_fraction == 0.0:
+        return unique, []
+    if len(unique) < 2:
+        raise RewardtuneError(
+            f"need at least 2 distinct prompts to hold some out, got {len(unique)}; add prompts or set prompts.heldout_fraction=0"
+        )
+    n_heldout = min(max(1, round(len(unique) * heldout_fraction)), len(unique) - 1)
+    chosen = set(random.Random(seed).sample(range(len(unique)), n_heldout))
+    train = [p for i, p in enumerate(unique) if i not in chosen]
+    heldout = [p for i, p in enumerate(unique) if i in chosen]
+    return train, heldout
+
+
+def check_token_lengths(prompts: list[str], tokenizer_dir: str) -> int:
+    """Fail when a prompt would be truncated by the model's tokenizer; returns the longest length in tokens."""
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as err:
+        raise RewardtuneError(f"could not load a CLIP tokenizer from {tokenizer_dir}: {str(err).splitlines()[0]}") from None
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    too_long = [p for p, n in zip(prompts, lengths, strict=True) if n > limit]
+    if too_long:
+        raise RewardtuneError(
+            f"{len(too_long)} prompt(s) exceed the tokenizer's {limit} tokens (first: {too_long[0][:60]!r}); "
+            "shorten them, they would be silently truncated"
+        )
+    return max(lengths, default=0)

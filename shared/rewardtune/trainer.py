@@ -17,22 +17,44 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
 
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
 from rewardtune.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
 from rewardtune.config import RunConfig
+from rewardtune.critic import Critics
 from rewardtune.diffusion import (
     ddim_step_with_logprob,
+    decode_latents,
     encode_prompts,
     guided_noise_pred,
     sample_trajectories,
 )
 from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.lagrangian import DualState, combine_advantages
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.metrics import MetricsLog
 from rewardtune.models import load_pipeline, load_policy_weights, prepare_policy, save_policy
+from rewardtune.neuron_reset import (
+    dormant_mask,
+    dormant_overlap,
+    lora_pairs,
+    neuron_scores,
+    record_activations,
+    reset_linear_neurons,
+    reset_lora_neurons,
+    select_neurons,
+)
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward, check_finite
+from rewardtune.temporal import (
+    clipped_value_loss,
+    discounted_returns,
+    explained_variance,
+    kl_penalty,
+    standardize,
+    step_rewards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +111,12 @@ class Trainer:
         # time-major loops (TDPO) step the optimizer within one time column; DDPO accumulates over steps too
         self.time_major = cfg.algorithm.uses_critic
         accumulation = cfg.training.gradient_accumulation_steps * (1 if self.time_major else self.num_train_steps)
+        if accumulation % cfg.training.fused_steps:
+            raise RewardtuneError(
+                f"training.fused_steps={cfg.training.fused_steps} must divide the {accumulation} micro-steps of an "
+                "optimizer step, or a fused call would straddle two optimizer steps"
+            )
+        accumulation //= cfg.training.fused_steps
         self.accelerator = Accelerator(
             cpu=device.type == "cpu",
             mixed_precision=cfg.training.mixed_precision,
@@ -107,14 +135,34 @@ class Trainer:
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
         self._check_prompt_lengths()
         self.reward_fn = build_reward(cfg.reward, self.device)
-        self.stat_tracker = PerPromptStatTracker(cfg.training.stat_tracking.buffer_size, cfg.training.stat_tracking.min_count)
+        algo = cfg.algorithm
+        self.constraints = algo.constraints
+        self.aux_reward_fns = [build_reward(c.reward, self.device) for c in self.constraints]
+        self.reward_names = [cfg.reward.name] + [c.reward.name for c in self.constraints]
+        tracking = cfg.training.stat_tracking
+        self.stat_trackers = [PerPromptStatTracker(tracking.buffer_size, tracking.min_count) for _ in self.reward_names]
+        groups = [{"params": self.trainable, "lr": cfg.training.learning_rate, "name": "policy"}]
+        self.critics: Critics | None = None
+        if algo.uses_critic:
+            self.tower = self._load_critic_tower()
+            self.critics = Critics(
+                self.reward_names, self.tower.dim, algo.critic.hidden_sizes, algo.critic.dropout, cfg.training.seed
+            ).to(self.device)
+            groups.append({"params": list(self.critics.parameters()), "lr": algo.critic.learning_rate, "name": "critic"})
+        self.reference_unet = self._reference_policy() if algo.uses_critic and algo.critic.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.trainable, "lr": cfg.training.learning_rate, "name": "policy"}],
+            groups,
             betas=(cfg.training.adam_beta1, cfg.training.adam_beta2),
             weight_decay=cfg.training.adam_weight_decay,
             eps=cfg.training.adam_epsilon,
         )
-        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
+        if self.critics is not None:
+            self.unet, self.critics, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.critics, self.optimizer)
+        else:
+            self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
+        self.dual = DualState(integral=[c.initial_multiplier for c in self.constraints])
+        self.thresholds: list[float | None] = [c.threshold for c in self.constraints]
+        self.previous_dormant: dict[str, torch.Tensor] = {}
         self.negative_embed = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sampling.negative_prompt])
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -133,6 +181,27 @@ class Trainer:
                 f"{len(too_long)} prompt(s) exceed the tokenizer's {limit} tokens (first: {too_long[0][:60]!r}); "
                 "shorten them, they would be silently truncated"
             )
+
+    def _load_critic_tower(self):
+        """The frozen image tower that embeds decoded x_t for the critic (the reward's own CLIP tower by default)."""
+        from rewardtune.rewards import critic_tower_source
+        from rewardtune.rewards.towers import load_clip_image_tower
+
+        source = self.cfg.algorithm.critic.image_encoder or critic_tower_source(self.cfg.reward)
+        if source is None:
+            raise RewardtuneError(
+                f"algorithm.critic.image_encoder is required: reward '{self.cfg.reward.name}' has no image tower "
+                "to share; give a CLIP vision model source (hub id, directory or cache URI)"
+            )
+        return load_clip_image_tower(source, self.device)
+
+    def _reference_policy(self) -> torch.nn.Module | None:
+        """The frozen base policy of the KL penalty: LoRA runs use the UNet with adapters off (no copy)."""
+        if self.cfg.model.finetune == "lora":
+            return None
+        import copy
+
+        return copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
 
     @property
     def is_main(self) -> bool:
@@ -155,6 +224,8 @@ class Trainer:
             prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
             embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
             negative = self.negative_embed.expand(len(prompts), -1, -1)
+            critic_inputs: list[torch.Tensor] = []
+            store = critic_inputs.append
             traj = sample_trajectories(
                 self.unet,
                 self.pipe.vae,
@@ -167,13 +238,23 @@ class Trainer:
                 resolution=cfg.resolution,
                 generator=generator,
                 autocast_dtype=self.autocast_dtype,
+                before_step=(lambda _k, x_t, store=store: store(self.critic_input(x_t))) if self.critics else None,
                 progress=self._progress(),
             )
+            extras = {}
+            if self.critics is not None:
+                extras["critic_inputs"] = torch.stack(critic_inputs, dim=1)
+                extras["old_values"] = self.critics.eval()(extras["critic_inputs"])
+                if self.cfg.algorithm.critic.kl_coef > 0:
+                    extras["ref_log_probs"] = self.reference_log_probs(traj)
             times.sampling += time.perf_counter() - start
             start = time.perf_counter()
-            rewards = check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)
+            scores = [check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)]
+            for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
+                scores.append(check_finite(spec.reward.name, fn(traj.images, prompts).float(), prompts))
             times.reward += time.perf_counter() - start
-            parts.append({"prompts": prompts, "traj": traj, "rewards": rewards.to(self.device)})
+            rewards = torch.stack([score.to(self.device) for score in scores], dim=1)
+            parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
         def cat(get) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
 
@@ -186,26 +267,77 @@ class Trainer:
             prompt_embeds=cat(lambda p: p["traj"].prompt_embeds),
             negative_embeds=cat(lambda p: p["traj"].negative_embeds),
             images=cat(lambda p: p["traj"].images),
-            rewards=cat(lambda p: p["rewards"]),
+            rewards=cat(lambda p: p["rewards"][:, 0]),
+            extras={
+                "all_rewards": cat(lambda p: p["rewards"]),
+                **{name: cat(lambda p, name=name: p["extras"][name]) for name in parts[0]["extras"]},
+            },
         )
 
+    @torch.no_grad()
+    def critic_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The critic's state at a step: the VAE-decoded x_t embedded by the frozen image tower."""
+        return self.tower.embed(decode_latents(self.pipe.vae, latents))
+
+    @torch.no_grad()
+    def reference_log_probs(self, traj) -> torch.Tensor:
+        """log pi_ref of each sampled step under the frozen base policy (for the per-step KL penalty)."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        model = self.reference_unet or unet
+        batch = {"latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:], "timesteps": traj.timesteps,
+                 "prompt_embeds": traj.prompt_embeds, "negative_embeds": traj.negative_embeds}
+        if self.reference_unet is None:
+            unet.disable_adapters()
+        try:
+            steps = traj.timesteps.shape[1]
+            return torch.stack([self.policy_log_prob(batch, slice(None), k, model) for k in range(steps)], dim=1)
+        finally:
+            if self.reference_unet is None:
+                unet.enable_adapters()
+
     # ------------------------------------------------------------------ advantages
-    def terminal_advantages(self, samples: EpochSamples) -> torch.Tensor:
-        """DDPO: normalize each reward by its prompt's (or the batch's) statistics, across all processes."""
-        all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
-        all_rewards = self.accelerator.gather(samples.rewards).cpu().numpy()
+    def normalized_rewards(self, rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker) -> torch.Tensor:
+        """Normalize rewards by their prompt's (or the batch's) statistics, gathered across all processes."""
+        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        all_rewards = self.accelerator.gather(rewards).cpu().numpy()
         if self.cfg.training.stat_tracking.enabled:
-            advantages = self.stat_tracker.update(all_prompts, all_rewards)
+            normalized = tracker.update(all_prompts, all_rewards)
         else:
-            advantages = batch_normalized(all_rewards)
-        n = len(samples)
-        mine = advantages[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
-        return torch.as_tensor(mine, dtype=torch.float32, device=self.device)
+            normalized = batch_normalized(all_rewards)
+        n = len(prompts)
+        mine = normalized[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
+        clip = self.cfg.training.adv_clip_max
+        return torch.as_tensor(mine, dtype=torch.float32, device=self.device).clamp(-clip, clip)
 
     def compute_advantages(self, samples: EpochSamples) -> None:
-        clip = self.cfg.training.adv_clip_max
-        advantages = self.terminal_advantages(samples).clamp(-clip, clip)
-        samples.advantages = advantages[:, None].expand(-1, samples.timesteps.shape[1])
+        """DDPO: one clipped advantage for every step. TDPO: A_k = R_k - V_old(s_k) per reward, per step;
+        CDPO combines them with the Lagrange multipliers."""
+        steps = samples.timesteps.shape[1]
+        all_rewards = samples.extras["all_rewards"]
+        terminals = [self.normalized_rewards(all_rewards[:, r], samples.prompts, tracker)
+                     for r, tracker in enumerate(self.stat_trackers)]
+        if self.critics is None:
+            samples.advantages = terminals[0][:, None].expand(-1, steps)
+            return
+        critic = self.cfg.algorithm.critic
+        kl = None
+        if critic.kl_coef > 0:
+            kl = kl_penalty(samples.log_probs, samples.extras["ref_log_probs"], critic.kl_estimator)
+        groups = samples.prompts if critic.advantage_norm == "per_prompt" else None
+        returns, advantages = [], []
+        for r, terminal in enumerate(terminals):
+            step_r = step_rewards(terminal, steps, kl if r == 0 else None, critic.kl_coef)
+            returns.append(discounted_returns(step_r, critic.gamma))
+            advantages.append(self._standardized(returns[-1] - samples.extras["old_values"][..., r], groups))
+        samples.extras["returns"] = torch.stack(returns, dim=-1)
+        samples.advantages = combine_advantages(advantages[0], advantages[1:], self.dual.multipliers)
+
+    def _standardized(self, values: torch.Tensor, groups: list[str] | None) -> torch.Tensor:
+        """Global standardization over all processes' (sample, step) pairs; per prompt within a process."""
+        if groups is not None or self.accelerator.num_processes == 1:
+            return standardize(values, groups)
+        everything = self.accelerator.gather(values)
+        return (values - everything.mean()) / (everything.std(unbiased=False) + 1e-8)
 
     # ------------------------------------------------------------------ training
     def _shuffled(self, samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -230,57 +362,170 @@ class Trainer:
         out["negative_embeds"] = samples.negative_embeds[order.to(self.device)]
         return out
 
-    def _micro_steps(self, n: int) -> list[tuple[slice, int]]:
-        """(sample slice, time column) pairs in the loop order of the algorithm."""
+    def _micro_steps(self, n: int) -> list[list[tuple[slice, int]]]:
+        """(sample slice, time column) pairs in the loop order of the algorithm, `fused_steps` per UNet call.
+
+        Fusing consecutive micro-steps of one optimizer step changes only the batch shape: every pair
+        still weighs the same in the step's mean loss.
+        """
         bs = self.cfg.training.batch_size
         batches = [slice(i, i + bs) for i in range(0, n, bs)]
         steps = range(self.num_train_steps)
         if self.time_major:
-            return [(b, j) for j in steps for b in batches]
-        return [(b, j) for b in batches for j in steps]
+            pairs = [(b, j) for j in steps for b in batches]
+        else:
+            pairs = [(b, j) for b in batches for j in steps]
+        fused = self.cfg.training.fused_steps
+        return [pairs[i : i + fused] for i in range(0, len(pairs), fused)]
 
-    def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int) -> torch.Tensor:
-        latents = batch["latents"][rows, j]
-        timesteps = batch["timesteps"][rows, j]
-        model_dtype = next(self.unet.parameters()).dtype
+    @staticmethod
+    def _view(batch: dict[str, torch.Tensor], chunk: list[tuple[slice, int]]) -> dict[str, torch.Tensor]:
+        """The (sample, step) pairs of a chunk as one flat batch."""
+        out = {}
+        for name, value in batch.items():
+            if name in ("prompt_embeds", "negative_embeds"):
+                parts = [value[rows] for rows, _ in chunk]
+            else:
+                parts = [value[rows, j] for rows, j in chunk]
+            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out
+
+    def log_prob_of(self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """log pi(x_{t-1} | x_t) of each pair in a flat batch, recomputed with gradients."""
+        model = model or self.unet
+        latents, timesteps = view["latents"], view["timesteps"]
+        model_dtype = next(model.parameters()).dtype
         with self.accelerator.autocast():
             noise_pred = guided_noise_pred(
-                self.unet,
+                model,
                 self.scheduler.scale_model_input(latents, timesteps).to(model_dtype),
                 timesteps,
-                batch["prompt_embeds"][rows],
-                batch["negative_embeds"][rows],
+                view["prompt_embeds"],
+                view["negative_embeds"],
                 self.cfg.sampling.guidance_scale,
             )
         _, log_prob = ddim_step_with_logprob(
-            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=batch["next_latents"][rows, j]
+            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"]
         )
         return log_prob
+
+    def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.log_prob_of(self._view(batch, [(rows, j)]), model)
 
     def train_epoch(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
         cfg = self.cfg.training
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, self.accelerator.process_index) + 1)
         self.unet.train()
+        models = [self.unet] if self.critics is None else [self.unet, self.critics.train()]
+        critic_cfg = self.cfg.algorithm.critic
         stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
+        if self.critics is not None:
+            stats["critic_loss"] = []
         from tqdm.auto import tqdm
 
         for _ in range(cfg.inner_epochs):
             batch = self._shuffled(samples, generator)
-            for rows, j in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
-                with self.accelerator.accumulate(self.unet):
-                    log_prob = self.policy_log_prob(batch, rows, j)
-                    old = batch["log_probs"][rows, j]
-                    loss = ppo_clipped_loss(log_prob, old, batch["advantages"][rows, j], cfg.clip_range)
-                    self.accelerator.backward(loss)
+            for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
+                view = self._view(batch, chunk)
+                with self.accelerator.accumulate(*models):
+                    log_prob = self.log_prob_of(view)
+                    old = view["log_probs"]
+                    loss = ppo_clipped_loss(log_prob, old, view["advantages"], cfg.clip_range)
+                    total = loss
+                    if self.critics is not None:
+                        values = self.critics(view["critic_inputs"])
+                        value_loss = clipped_value_loss(values, view["old_values"], view["returns"], critic_cfg.value_clip)
+                        total = loss + critic_cfg.coef * value_loss
+                        stats["critic_loss"].append(value_loss.detach())
+                    self.accelerator.backward(total)
                     if self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                        self.clip_gradients()
                         self.global_step += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 stats["loss"].append(loss.detach())
                 for name, value in ppo_diagnostics(log_prob.detach(), old, cfg.clip_range).items():
                     stats[name].append(value)
+        self.last_batch = {name: batch[name][:, self.num_train_steps - 1] for name in
+                           ("latents", "timesteps", *(["critic_inputs"] if self.critics is not None else []))}
+        self.last_batch["prompt_embeds"], self.last_batch["negative_embeds"] = batch["prompt_embeds"], batch["negative_embeds"]
         return {name: torch.stack(values).mean().item() for name, values in stats.items()}
+
+    def clip_gradients(self) -> None:
+        """Unscale once (one optimizer, however many networks), then clip each network's norm separately.
+
+        The official TDPO code unscales the critic twice under fp16; this does not.
+        """
+        self.accelerator.unscale_gradients()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)
+        if self.critics is not None:
+            torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm)
+
+    # ------------------------------------------------------------------ neuron reset (TDPO-R)
+    def _reset_layers(self) -> list[tuple[str, torch.nn.Linear, torch.nn.Linear, bool]]:
+        """(name, layer, next layer, is_lora) for every layer whose neurons can be reset."""
+        if self.cfg.algorithm.reset.target == "policy_lora":
+            if self.cfg.model.finetune != "lora":
+                raise RewardtuneError("algorithm.reset.target: policy_lora needs model.finetune: lora")
+            return [(name, down, up, True) for name, down, up in lora_pairs(self.accelerator.unwrap_model(self.unet))]
+        critics = self.accelerator.unwrap_model(self.critics)
+        layers = []
+        for head_name, head in zip(critics.names, critics.heads, strict=True):
+            linears = head.linears()
+            layers += [(f"{head_name}.{i}", linears[i], linears[i + 1], False) for i in range(len(linears) - 1)]
+        return layers
+
+    @torch.no_grad()
+    def measure_and_reset(self, epoch: int, reset: bool) -> dict[str, float]:
+        """Score neurons on this epoch's last trained time column; reset the selected ones if `reset`."""
+        rules = self.cfg.algorithm.reset
+        layers = self._reset_layers()
+        modules = [down for _, down, _, _ in layers]
+        if rules.target == "policy_lora":
+            rows = slice(0, min(8, self.last_batch["latents"].shape[0]))
+            batch = {k: v.unsqueeze(1) if k in ("latents", "timesteps") else v for k, v in self.last_batch.items()}
+            batch["next_latents"] = batch["latents"]
+            acts = record_activations(modules, lambda: self.policy_log_prob(batch, rows, 0))
+        else:
+            critics = self.accelerator.unwrap_model(self.critics).eval()
+            acts = record_activations(modules, lambda: critics(self.last_batch["critic_inputs"]))
+            critics.train()
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.training.seed, epoch, 0) + 2)
+        total = dormant = resets = 0
+        overlaps = []
+        for (name, down, up, is_lora), activations in zip(layers, acts, strict=True):
+            scores = neuron_scores(activations).cpu()
+            dormant_now = dormant_mask(scores, rules.tau)
+            overlaps.append(dormant_overlap(self.previous_dormant.get(name), dormant_now))
+            self.previous_dormant[name] = dormant_now
+            total += scores.numel()
+            dormant += int(dormant_now.sum())
+            if reset:
+                mask = select_neurons(scores, rules.rule, rules.tau, rules.tau_high, rules.fraction)
+                resets += int(mask.sum())
+                (reset_lora_neurons if is_lora else reset_linear_neurons)(down, up, mask, self.optimizer.optimizer, generator)
+        finite = [o for o in overlaps if o == o]
+        return {"neurons_total": total, "neurons_dormant": dormant, "neurons_active": total - dormant,
+                "dormant_fraction": dormant / max(total, 1), "dormant_overlap": sum(finite) / len(finite) if finite else None,
+                "reset": reset, "neurons_reset": resets}
+
+    # ------------------------------------------------------------------ constraints (CDPO)
+    def update_multipliers(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
+        """Projected dual ascent on c_k - Ĵ_k once per epoch; relative thresholds come from epoch 0's base policy."""
+        means = self.accelerator.gather(samples.extras["all_rewards"]).mean(dim=0).tolist()[1:]
+        for k, spec in enumerate(self.constraints):
+            if self.thresholds[k] is None:
+                if epoch != 0:
+                    raise CheckpointError("relative CDPO thresholds are set at epoch 0; resume from a checkpoint that has them")
+                self.thresholds[k] = means[k] - spec.relative_margin
+        lagrange = self.cfg.algorithm.lagrange
+        self.dual.update(self.thresholds, means, lagrange.learning_rate, lagrange.pid_kp, lagrange.pid_kd)
+        record = {}
+        for k, spec in enumerate(self.constraints):
+            name = spec.reward.name
+            record |= {f"lambda_{name}": self.dual.multipliers[k], f"constraint_{name}": means[k],
+                       f"threshold_{name}": self.thresholds[k]}
+        return record
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_meta(self) -> dict:
@@ -290,15 +535,23 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         return {"epochs_done": self.epochs_done, "samples_seen": self.samples_seen, "global_step": self.global_step,
-                "stat_tracker": self.stat_tracker.state_dict()}
+                "stat_trackers": [t.state_dict() for t in self.stat_trackers], "dual": self.dual.state_dict(),
+                "thresholds": self.thresholds,
+                "previous_dormant": {k: v.tolist() for k, v in self.previous_dormant.items()}}
 
     def load_trainer_state(self, state: dict) -> None:
         self.epochs_done, self.samples_seen = state["epochs_done"], state["samples_seen"]
         self.global_step = state["global_step"]
-        self.stat_tracker.load_state_dict(state["stat_tracker"])
+        for tracker, tracker_state in zip(self.stat_trackers, state["stat_trackers"], strict=True):
+            tracker.load_state_dict(tracker_state)
+        self.dual = DualState(**state["dual"])
+        self.thresholds = state["thresholds"]
+        self.previous_dormant = {k: torch.tensor(v, dtype=torch.bool) for k, v in state["previous_dormant"].items()}
 
     def _write_checkpoint(self, directory: Path) -> None:
         save_policy(self.accelerator.unwrap_model(self.unet), self.cfg.model, directory)
+        if self.critics is not None:
+            save_file(self.accelerator.unwrap_model(self.critics).state_dict(), directory / "critic.safetensors")
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         (directory / "trainer_state.json").write_text(json.dumps(self.trainer_state(), indent=1))
         (directory / "config.yaml").write_text(self.cfg.to_yaml())
@@ -315,13 +568,15 @@ class Trainer:
     def load(self, path: Path, manifest: dict) -> None:
         expected = self.checkpoint_meta()
         found = manifest.get("meta", {})
-        for key in ("model_source", "finetune", "lora_rank"):
+        for key in ("model_source", "finetune", "lora_rank", "algorithm"):
             if found.get(key) != expected[key]:
                 raise CheckpointError(
                     f"checkpoint {path} was trained with {key}={found.get(key)!r}, this config has {expected[key]!r}; "
                     "resume with the original config or use a new --out directory"
                 )
         load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
+        if self.critics is not None:
+            self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
         self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
 
@@ -351,6 +606,18 @@ class Trainer:
             stats = self.train_epoch(samples, epoch)
             times.training = time.perf_counter() - t0
             self.epochs_done = epoch + 1
+            if self.critics is not None:
+                stats["value_explained_variance"] = explained_variance(
+                    samples.extras["old_values"][..., 0], samples.extras["returns"][..., 0]
+                )
+            if self.constraints:
+                stats |= self.update_multipliers(samples, epoch)
+            reset_now = False
+            if cfg.algorithm.uses_reset:
+                reset_now = self.epochs_done % cfg.algorithm.reset.every == 0
+                if reset_now:
+                    self.save("pre_reset")
+                stats |= self.measure_and_reset(epoch, reset_now)
             epoch_images = len(samples) * self.accelerator.num_processes
             self.samples_seen += epoch_images
             rewards = self.accelerator.gather(samples.rewards)
@@ -371,6 +638,8 @@ class Trainer:
                 self.metrics.append(record)
                 log.info("epoch %d: reward %.4f ± %.4f, kl %.2e, clipfrac %.3f", epoch, record["reward_mean"],
                          record["reward_std"], record["approx_kl"], record["clipfrac"])
-            if self.epochs_done % cfg.checkpointing.every_epochs == 0 or self.epochs_done == cfg.training.epochs:
+            if reset_now:
+                self.save("post_reset")
+            elif self.epochs_done % cfg.checkpointing.every_epochs == 0 or self.epochs_done == cfg.training.epochs:
                 self.save()
         return self.out_dir

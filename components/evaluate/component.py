@@ -1,0 +1,16 @@
+"""evaluate: score one checkpoint on the held-out prompts (trainer image); fanned out with dsl.ParallelFor."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def evaluate(config: str, checkpoints: Input[Model], prompts: Input[Dataset], checkpoint: str, results: Output[Dataset]):
+    """Writes the evaluation of `checkpoint` (a name under checkpoints/) into the `results` artifact."""
+    from rewardtune.evaluate import evaluate_run
+    from rewardtune.stages import resolve_config
+
+    evaluate_run(resolve_config(config), checkpoints.path, prompts.path, results.path, checkpoint=checkpoint)
+    results.metadata["checkpoint"] = checkpoint

@@ -1,0 +1,1 @@
+"""The alignment pipeline: DAG definition, compiler entry point, scheduler and local runner."""

@@ -1,0 +1,64 @@
+"""TDPO's timestep-aware critic: the LAION-aesthetic-predictor MLP on image embeddings of x_t.
+
+The official code has no nonlinearity between layers; the neuron-reset machinery reads ReLU of each
+hidden layer's output as that neuron's activation (algorithms.md §3-4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def init_linear_(layer: nn.Linear, generator: torch.Generator | None = None, rows: torch.Tensor | None = None) -> None:
+    """Weights ~ N(0, std = 1/(d_in + 1)), bias 0 — for the whole layer or just `rows` (output neurons)."""
+    std = 1.0 / (layer.in_features + 1)
+    with torch.no_grad():
+        if rows is None:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+            if layer.bias is not None:
+                layer.bias.zero_()
+            return
+        idx = torch.nonzero(rows.cpu()).flatten()
+        fresh = torch.randn(len(idx), layer.in_features, generator=generator) * std
+        layer.weight[idx.to(layer.weight.device)] = fresh.to(layer.weight)
+        if layer.bias is not None:
+            layer.bias[idx.to(layer.bias.device)] = 0.0
+
+
+class ValueCritic(nn.Module):
+    """Linear d->1024, Dropout, ->128, Dropout, ->64, Dropout, ->16, ->1 (sizes configurable)."""
+
+    def __init__(self, input_dim: int, hidden_sizes: list[int], dropout: list[float], generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for size, p in zip(hidden_sizes, dropout, strict=True):
+            layers.append(nn.Linear(width, size))
+            if p > 0:
+                layers.append(nn.Dropout(p))
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.layers = nn.Sequential(*layers)
+        for layer in self.linears():
+            init_linear_(layer, generator)
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings.float()).squeeze(-1)
+
+
+class Critics(nn.Module):
+    """One value critic per reward (the main reward first, then CDPO's constrained rewards)."""
+
+    def __init__(self, names: list[str], input_dim: int, hidden_sizes: list[int], dropout: list[float], seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.names = names
+        self.heads = nn.ModuleList(ValueCritic(input_dim, hidden_sizes, dropout, generator) for _ in names)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., R] values, one per reward."""
+        return torch.stack([head(embeddings) for head in self.heads], dim=-1)

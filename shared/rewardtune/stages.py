@@ -1,0 +1,191 @@
+"""Pipeline stages as plain library functions: the CLI, the KFP components and `docker run` all call these.
+
+Each stage takes paths and returns a small JSON-able summary, so a KFP component body is one import and
+one call, and the same code runs in the cluster, under `kfp.local` and on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rewardtune.config import RunConfig, load_config, parse_config
+from rewardtune.errors import ConfigError, RewardtuneError
+from rewardtune.prompts import check_token_lengths, load_prompts, split_prompts
+
+log = logging.getLogger(__name__)
+
+TRAIN_FILE, HELDOUT_FILE, SUMMARY_FILE = "train.txt", "heldout.txt", "prompts.json"
+
+
+def resolve_config(config: str, overrides: list[str] | None = None) -> RunConfig:
+    """A config given as YAML text, a local path, a file:// URI or an s3:// URI (pipeline parameters are strings)."""
+    text = config.strip()
+    if text.startswith("s3://"):
+        return parse_config(yaml.safe_load(_read_s3_text(text)), overrides)
+    if "\n" not in text and (text.startswith("file://") or text.endswith((".yaml", ".yml"))):
+        return load_config(text.removeprefix("file://"), overrides)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config text is not valid YAML: {getattr(err, 'problem', err)}") from None
+    return parse_config(data, overrides)
+
+
+def _read_s3_text(uri: str) -> str:
+    import boto3
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not key:
+        raise ConfigError(f"config URI {uri} names no object; use s3://bucket/path/config.yaml")
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+    except Exception as err:  # noqa: BLE001 - botocore raises many types; the user needs one line
+        raise ConfigError(f"could not read config {uri}: {err}") from None
+
+
+def _tokenizer_location(model_dir: str) -> str:
+    """A diffusers pipeline keeps its tokenizer in `tokenizer/`; accept either that directory or the pipeline root."""
+    path = Path(model_dir.removeprefix("file://"))
+    return str(path / "tokenizer") if (path / "tokenizer").is_dir() else str(path)
+
+
+def prepare_prompts(
+    source: str,
+    out_dir: Path,
+    *,
+    heldout_fraction: float,
+    seed: int,
+    template: str = "{}",
+    tokenizer_dir: str | None = None,
+) -> dict[str, Any]:
+    """Write `train.txt` and a disjoint `heldout.txt` (one prompt a line) plus `prompts.json` with the counts.
+
+    Prompts are templated and deduplicated before the split, so the same prompt can never land on both sides;
+    with a tokenizer, a prompt that would be truncated is an error here, not a silent surprise on the GPU.
+    """
+    prompts = load_prompts(source, template)
+    train, heldout = split_prompts(prompts, heldout_fraction, seed)
+    max_tokens = check_token_lengths(prompts, _tokenizer_location(tokenizer_dir)) if tokenizer_dir else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TRAIN_FILE).write_text("\n".join(train) + "\n")
+    (out_dir / HELDOUT_FILE).write_text("\n".join(heldout) + ("\n" if heldout else ""))
+    summary = {
+        "source": source, "template": template, "seed": seed, "heldout_fraction": heldout_fraction,
+        "num_prompts": len(prompts), "num_train": len(train), "num_heldout": len(heldout), "max_tokens": max_tokens,
+    }
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def prepare_prompts_from_config(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """prepare-prompts driven by a run config; checks lengths against the model's tokenizer when it is local."""
+    model_dir = Path(cfg.model.source.removeprefix("file://"))
+    return prepare_prompts(
+        cfg.prompts.source, out_dir, heldout_fraction=cfg.prompts.heldout_fraction, seed=cfg.prompts.split_seed,
+        template=cfg.prompts.template, tokenizer_dir=str(model_dir) if model_dir.is_dir() else None,
+    )
+
+
+def train_stage(
+    config: str, prompts_dir: Path, run_dir: Path, *, num_gpus: int = 1, overrides: list[str] | None = None,
+    resume: bool = True,
+) -> Path:
+    """Train on `prompts_dir/train.txt` into `run_dir`, resuming from its newest checkpoint (a retried pod continues).
+
+    The template was already applied by prepare-prompts, so it is reset to '{}' here. With more than one GPU the
+    run is re-launched through `accelerate launch`, one process per GPU, on the same CLI.
+    """
+    train_file = Path(prompts_dir) / TRAIN_FILE
+    if not train_file.is_file():
+        raise RewardtuneError(f"{train_file} is missing; run prepare-prompts first and pass its --out as the prompts dir")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sets = [*(overrides or []), f"prompts.source={train_file}", "prompts.template='{}'"]
+    cfg = resolve_config(config, sets)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    if num_gpus > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
+               "--num_machines", "1", "--mixed_precision", cfg.training.mixed_precision,
+               "-m", "rewardtune.cli", "train", "--config", str(config_file), "--out", str(run_dir)]
+        if resume:
+            cmd.append("--resume")
+        log.info("launching %d processes: %s", num_gpus, " ".join(cmd))
+        proc = subprocess.run(cmd, check=False)
+        if proc.returncode != 0:
+            raise RewardtuneError(f"accelerate launch with {num_gpus} processes failed with exit code {proc.returncode}")
+        return run_dir
+    from rewardtune.trainer import Trainer
+
+    return Trainer(cfg, run_dir).run(resume=resume)
+
+
+def list_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoint names in epoch order (reset pairs kept): the fan-out list of the evaluation stage."""
+    root = Path(run_dir) / "checkpoints"
+    names = [p.name for p in root.glob("epoch-*") if (p / "manifest.json").is_file()] if root.is_dir() else []
+    phase = {"-pre-reset": 0, "": 1, "-post-reset": 2}
+    return sorted(names, key=lambda n: (n[:12], phase.get(n[12:], 1)))
+
+
+def param_overrides(
+    *, algorithm: str = "", base_model: str = "", reward: str = "", epochs: int = 0, prompt_source: str = ""
+) -> list[str]:
+    """Turn pipeline parameters into `--set` overrides; an empty value (or 0 epochs) keeps the config's own."""
+    sets = []
+    if algorithm:
+        sets.append(f"algorithm.name={algorithm}")
+    if base_model:
+        sets.append(f"model.source={base_model}")
+    if reward:
+        sets.append(f"reward.name={reward}")
+    if epochs:
+        sets.append(f"training.epochs={int(epochs)}")
+    if prompt_source:
+        sets.append(f"prompts.source={prompt_source}")
+    return sets
+
+
+def _final_metrics(run_dir: Path) -> dict[str, float]:
+    """Numeric fields of the last metrics.jsonl record (what the KFP UI shows for the train step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: float(v) for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def train_for_pipeline(
+    config: str, prompts_dir: str | Path, out_dir: str | Path, *, workdir: str = "", run_id: str = "",
+    num_gpus: int = 1, overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The train step: train in `workdir/run_id` (persistent PVC, so a retried pod resumes) and publish to `out_dir`.
+
+    Without a workdir (kfp.local, docker run) it trains straight into `out_dir`.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    if workdir and not run_id:
+        raise RewardtuneError("train: a workdir needs a run_id so that retries of one run share a directory")
+    run_dir = Path(workdir) / run_id if workdir else out_dir
+    train_stage(config, Path(prompts_dir), run_dir, num_gpus=num_gpus, overrides=overrides, resume=True)
+    if run_dir != out_dir:
+        shutil.copytree(run_dir, out_dir, dirs_exist_ok=True)
+    return {"run_dir": str(run_dir), "checkpoints": list_checkpoints(out_dir), "final_metrics": _final_metrics(out_dir)}
+
+
+def record_run_status(state: str, job: str, error_message: str = "") -> str:
+    """The exit handler's record: one line on stdout (pod logs) and on stderr when the run did not succeed."""
+    line = f"rewardtune run {job or '<local>'}: {state}" + (f" ({error_message})" if error_message else "")
+    print(line, file=sys.stdout if state == "SUCCEEDED" else sys.stderr)
+    return line
