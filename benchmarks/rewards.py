@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from rewardtune.rewards.aesthetic import Aesthetic, RewardMLP
 from rewardtune.rewards.hpsv2 import HPSv2, create_open_clip
 from rewardtune.rewards.imagereward import VIT_L16, ImageReward, ImageRewardModel, load_tokenizer, text_config

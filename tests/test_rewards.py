@@ -207,7 +207,6 @@ def test_bfloat16_reward_runs(tiny_rewards):
 def test_misspelled_reward_option_is_a_config_error(tiny_model_dir):
     from rewardtune.config import parse_config
     from rewardtune.errors import ConfigError
-
     from tests.conftest import tiny_config_dict
 
     data = tiny_config_dict(tiny_model_dir, reward={"name": "aesthetic", "options": {"clip_sorce": "x"}})
