@@ -215,3 +215,17 @@ def test_cli_caches_every_model_of_a_config_and_training_reads_through_it(
     assert json.loads((Path(pipeline_dir) / "model_index.json").read_text())["unet"]
     with pytest.raises(CacheError, match=f"model org/missing is not in cache {uri}"):
         resolve_model_dir("org/missing")
+
+
+def test_url_source_without_cache_downloads_once_and_refuses_offline(http_server, tiny_rewards, tmp_path, monkeypatch):
+    from rewardtune.cache import resolve_local
+
+    monkeypatch.delenv("RT_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("RT_MODEL_DIR", str(tmp_path / "work"))
+    url = f"{http_server[0]}/sac+logos+ava1-l14-linearMSE.pth"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CacheError, match="is not cached and HF_HUB_OFFLINE is set"):
+        resolve_local(url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    got = resolve_local(url) / "sac+logos+ava1-l14-linearMSE.pth"
+    assert sha256_file(got) == sha256_file(Path(tiny_rewards["aesthetic"]) / "sac+logos+ava1-l14-linearMSE.pth")

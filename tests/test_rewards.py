@@ -202,3 +202,26 @@ def test_bfloat16_reward_runs(tiny_rewards):
     assert reward.tower.module.dtype == torch.bfloat16
     out = reward(_images(), PROMPTS)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_misspelled_reward_option_is_a_config_error(tiny_model_dir):
+    from rewardtune.config import parse_config
+    from rewardtune.errors import ConfigError
+    from tests.conftest import tiny_config_dict
+
+    data = tiny_config_dict(tiny_model_dir, reward={"name": "aesthetic", "options": {"clip_sorce": "x"}})
+    with pytest.raises(ConfigError, match=r"reward.*no option 'clip_sorce' \(did you mean 'clip_source'\?\)"):
+        parse_config(data)
+    data = tiny_config_dict(tiny_model_dir, reward={"name": "clipscore", "options": {"w": 2.5}})
+    assert parse_config(data).reward.options == {"w": 2.5}
+
+
+def test_cli_init_tiny_rewards_out(tiny_rewards, capsys):
+    from pathlib import Path
+
+    from rewardtune.cli import main
+
+    parent = Path(tiny_rewards["aesthetic"]).parent
+    assert main(["init-tiny", "--rewards-out", str(parent)]) == 0  # existing models are kept, not rebuilt
+    out = capsys.readouterr().out
+    assert all(f"tiny reward {name}: source {parent / name}" in out for name in LEARNED)

@@ -281,8 +281,18 @@ def _fetch(ref: ModelRef, staging: Path) -> tuple[Path, str | None]:
         except Exception as err:  # the hub raises many types; one line is what the user needs
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CacheError(f"could not fetch model {ref.source}@{ref.revision or 'main'} from the hub: {first}") from None
-        return Path(path), ref.revision or "main"
+        return Path(path), _hub_commit(ref) or ref.revision or "main"
     raise CacheError(f"model source {ref.source} is already a cache URI; nothing to fetch")
+
+
+def _hub_commit(ref: ModelRef) -> str | None:
+    """The commit a hub revision resolved to (recorded in the manifest; best effort)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(ref.source, revision=ref.revision).sha
+    except Exception:  # provenance only: never fail caching on it
+        return None
 
 
 @dataclass
@@ -397,8 +407,12 @@ def materialize(cache: Cache, key: str, dest_root: Path | None = None, label: st
         _verify_dir(staging / FILES, manifest, cache.uri(key), label)
         (staging / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
         if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.replace(staging, dest)
+        except OSError:  # another process materialized it meanwhile; use theirs if it is this version
+            if not (local_manifest.is_file() and json.loads(local_manifest.read_text()) == manifest):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest / FILES
@@ -439,6 +453,16 @@ def resolve_local(source: str, revision: str | None = None, files: Iterable[str]
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if source_kind(source) == "url":  # no cache configured: a plain download into the working dir (dev use)
+        dest = workdir() / cache_key(ModelRef(source, revision)) / FILES
+        name = Path(urllib.parse.urlparse(source).path).name or "download"
+        if not (dest / name).is_file():
+            if offline:
+                raise CacheError(f"model {source} is not cached and HF_HUB_OFFLINE is set; run `rewardtune cache-models` "
+                                 f"and set {CACHE_ENV}")
+            dest.mkdir(parents=True, exist_ok=True)
+            _fetch(ModelRef(source, revision), dest)
+        return dest
     try:
         return Path(snapshot_download(source, revision=revision, allow_patterns=list(files) if files else None,
                                       ignore_patterns=None if files else DEFAULT_IGNORE, local_files_only=offline))

@@ -75,6 +75,14 @@ class RewardSpec(_Strict):
             hint = difflib.get_close_matches(self.name, names, n=1)
             maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ValueError(f"unknown reward '{self.name}'{maybe}; allowed: {', '.join(sorted(names))}")
+        from rewardtune.rewards import allowed_options, unknown_options
+
+        bad = unknown_options(self.name, self.options)
+        if bad:
+            allowed = allowed_options(self.name)
+            hint = difflib.get_close_matches(bad[0], allowed, n=1)
+            maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"reward '{self.name}' has no option '{bad[0]}'{maybe}; allowed: {', '.join(allowed) or 'none'}")
         return self
 
 

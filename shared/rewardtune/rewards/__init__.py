@@ -30,11 +30,15 @@ TowerFn = Callable[["RewardSpec"], "str | None"]
 _REGISTRY: dict[str, RewardBuilder] = {}
 _SOURCES: dict[str, SourcesFn] = {}
 _TOWERS: dict[str, TowerFn] = {}
+_OPTIONS: dict[str, frozenset[str]] = {}
 
 
-def register(name: str) -> Callable[[RewardBuilder], RewardBuilder]:
+def register(name: str, options: tuple[str, ...] = ()) -> Callable[[RewardBuilder], RewardBuilder]:
+    """Register a builder and the `options` keys it reads (anything else in a config is an error)."""
+
     def wrap(builder: RewardBuilder) -> RewardBuilder:
         _REGISTRY[name] = builder
+        _OPTIONS[name] = frozenset(options)
         return builder
 
     return wrap
@@ -76,6 +80,17 @@ def critic_tower_source(spec: RewardSpec) -> str | None:
     _load_builtin()
     fn = _TOWERS.get(spec.name)
     return fn(spec) if fn else None
+
+
+def unknown_options(name: str, options: dict) -> list[str]:
+    """Option keys a reward does not read: a misspelled option must not silently fall back to a default."""
+    _load_builtin()
+    return sorted(set(options) - _OPTIONS.get(name, frozenset()))
+
+
+def allowed_options(name: str) -> list[str]:
+    _load_builtin()
+    return sorted(_OPTIONS.get(name, frozenset()))
 
 
 def reward_names() -> list[str]:

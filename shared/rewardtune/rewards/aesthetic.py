@@ -102,7 +102,7 @@ def _sources(spec) -> list[ModelRef]:
     return refs
 
 
-@register("aesthetic")
+@register("aesthetic", options=("clip_source", "revision", "dtype"))
 def _build(spec, device: torch.device) -> Aesthetic:
     dtype = getattr(torch, spec.options.get("dtype", "float32"))
     head = load_head(find_head(resolve_local(spec.source or DEFAULT_SOURCE, spec.options.get("revision"))), device)

@@ -26,7 +26,7 @@ def _tower(spec) -> str:
     return spec.source or DEFAULT_SOURCE
 
 
-@register("clipscore")
+@register("clipscore", options=("revision", "dtype", "files", "tokenizer_source", "w"))
 def _build(spec, device: torch.device) -> ClipTextImage:
     w = float(spec.options.get("w", 100.0))
     return load_clip_text_image("clipscore", spec, DEFAULT_SOURCE, DEFAULT_SOURCE, "clipscore", device, w)

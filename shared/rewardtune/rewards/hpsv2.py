@@ -11,6 +11,7 @@ weights_only=True; the hpsv2 PyPI package is deliberately not used (see field no
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,12 +64,30 @@ def load_hps_state(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns 'initialized randomly' before we load the checkpoint ourselves: misleading in logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_open_clip(arch: str):
+    import open_clip
+
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(arch, pretrained=None, device="cpu")
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_open_clip(directory: Path, options: dict[str, Any], device: torch.device, dtype: torch.dtype):
     """(model, tokenizer): `open_clip.create_model(arch)` with the checkpoint loaded strictly."""
     import open_clip
 
     arch = _register_arch(directory, options)
-    model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    model = create_open_clip(arch)
     model.load_state_dict(load_hps_state(find_checkpoint(directory, options)), strict=True)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(arch)
@@ -102,7 +121,7 @@ def _tower(spec) -> str:
     return spec.source or DEFAULT_SOURCE
 
 
-@register("hpsv2")
+@register("hpsv2", options=("revision", "dtype", "files", "checkpoint", "arch"))
 def _build(spec, device: torch.device) -> HPSv2:
     dtype = getattr(torch, spec.options.get("dtype", "float32"))
     ref = _ref(spec)

@@ -195,7 +195,7 @@ def _tower(spec) -> str:
     return spec.source if _bundled(spec, "clip") else CLIP_L14
 
 
-@register("imagereward")
+@register("imagereward", options=("revision", "dtype", "files", "tokenizer_source", "clip_source"))
 def _build(spec, device: torch.device) -> ImageReward:
     dtype = getattr(torch, spec.options.get("dtype", "float32"))
     ref = _ref(spec)

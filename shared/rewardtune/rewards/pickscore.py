@@ -86,6 +86,6 @@ def _tower(spec) -> str:
     return spec.source or DEFAULT_SOURCE
 
 
-@register("pickscore")
+@register("pickscore", options=("revision", "dtype", "files", "tokenizer_source"))
 def _build(spec, device: torch.device) -> ClipTextImage:
     return load_clip_text_image("pickscore", spec, DEFAULT_SOURCE, DEFAULT_TOKENIZER, "pickscore", device)

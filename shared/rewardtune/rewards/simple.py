@@ -50,11 +50,11 @@ def _brightness(spec, device):
     return Brightness()
 
 
-@register("jpeg_compressibility")
+@register("jpeg_compressibility", options=("quality",))
 def _jpeg_compressibility(spec, device):
     return JpegSize("jpeg_compressibility", -1.0, int(spec.options.get("quality", 95)))
 
 
-@register("jpeg_incompressibility")
+@register("jpeg_incompressibility", options=("quality",))
 def _jpeg_incompressibility(spec, device):
     return JpegSize("jpeg_incompressibility", 1.0, int(spec.options.get("quality", 95)))

@@ -50,7 +50,7 @@ def _aesthetic(directory: Path, seed: int) -> None:
 def _hpsv2(directory: Path, seed: int) -> None:
     import open_clip
 
-    from rewardtune.rewards.hpsv2 import DEFAULT_CHECKPOINT
+    from rewardtune.rewards.hpsv2 import DEFAULT_CHECKPOINT, create_open_clip
     from rewardtune.rewards.towers import OPEN_CLIP_CONFIG
 
     arch = "rt-tiny-ViT-H-14"
@@ -60,7 +60,7 @@ def _hpsv2(directory: Path, seed: int) -> None:
         cfg.write_text(json.dumps(TINY_OPEN_CLIP))
         open_clip.add_model_config(cfg)
     torch.manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None)
+    model = create_open_clip(arch)
     torch.save({"state_dict": model.state_dict()}, directory / DEFAULT_CHECKPOINT)  # HPS's released layout
 
 

@@ -22,6 +22,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_L14 = "openai/clip-vit-large-patch14"
 # Only what a PyTorch CLIP needs from a hub repo (the openai repos also hold TF/Flax copies of the weights).
 CLIP_FILES = ("*.json", "*.txt", "*.safetensors")
+# Hub repos whose tower is not a transformers CLIP: the files to take instead of CLIP_FILES.
+HUB_TOWER_FILES = {"xswu/HPSv2": ("HPS_v2.1_compressed.pt",)}
 OPEN_CLIP_CONFIG = "open_clip_model.json"  # {"arch": name, "model_cfg": {...}} for non-builtin open_clip configs
 
 
@@ -121,7 +123,7 @@ def find_tower_dir(directory: Path) -> tuple[str, Path]:
 
 def tower_ref(source: str) -> ModelRef:
     """The cache entry a tower source needs (hub CLIP repos: only the PyTorch files)."""
-    return ModelRef(source, None, CLIP_FILES if source_kind(source) == "hub" else None)
+    return ModelRef(source, None, HUB_TOWER_FILES.get(source, CLIP_FILES) if source_kind(source) == "hub" else None)
 
 
 def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ClipImageTower:
