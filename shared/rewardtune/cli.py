@@ -109,6 +109,31 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(json.dumps(headline, indent=1, sort_keys=True))
 
 
+def _cmd_testbed_pretrain(args: argparse.Namespace) -> None:
+    import json
+    import shutil
+
+    from rewardtune.testbed.build import build_testbed
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise RewardtuneError(f"--out {out} already exists; pass --force to rebuild it")
+    if out.exists():
+        shutil.rmtree(out)
+    summary = build_testbed(out, seed=args.seed, quick=args.quick)
+    print(json.dumps(summary, indent=1))
+    print(f"testbed model: {out / 'model'}\ntestbed proxy: {out / 'proxy'}")
+
+
+def _cmd_testbed_compare(args: argparse.Namespace) -> None:
+    from rewardtune.testbed.compare import compare
+
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    compare(args.out, algorithms, args.seeds, args.config, args.set, fidelity_margin=args.fidelity_margin)
+    print(Path(args.out, "comparison.md").read_text())
+    print(f"report: {Path(args.out) / 'comparison.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -177,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--label", action="append", default=[], help="one label per run (default: run dir names)")
     report.add_argument("--out", required=True, help="writes report.html, report.md and headline.json here")
     report.set_defaults(func=_cmd_report)
+
+    testbed = sub.add_parser("testbed", help="the overoptimization testbed: pretrain its world model, compare methods")
+    tb = testbed.add_subparsers(dest="testbed_command", required=True)
+    pre = tb.add_parser("pretrain", help="train the tiny world model and its proxy reward (CPU, ~5 min)",
+                        description="Writes OUT/model (a diffusers pipeline) and OUT/proxy (the proxy reward). "
+                        "The committed copy lives in shared/rewardtune/data/testbed (model.source: testbed).")
+    pre.add_argument("--out", required=True)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pre.add_argument("--quick", action="store_true", help="a few steps only (tests; the model follows no prompt)")
+    pre.set_defaults(func=_cmd_testbed_pretrain)
+    cmp = tb.add_parser("compare", help="train each algorithm on the proxy over seeds; gold/fidelity comparison report")
+    cmp.add_argument("--algorithms", default="ddpo,tdpo,tdpo_r,cdpo")
+    cmp.add_argument("--seeds", type=int, default=3)
+    cmp.add_argument("--out", required=True, help="runs/, evals/, prompts/, comparison.{md,html,json}")
+    cmp.add_argument("--config", help="base config (default: configs/testbed.yaml)")
+    cmp.add_argument("--fidelity-margin", type=float, default=0.05,
+                     help="CDPO: fidelity must stay above the base model's epoch-0 mean minus this")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.epochs=4")
+    cmp.set_defaults(func=_cmd_testbed_compare)
     return parser
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rewardtune.errors import ConfigError
 
@@ -32,6 +32,18 @@ class ModelConfig(_Strict):
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float | None = Field(None, gt=0, description="Defaults to lora_rank (scale 1).")
     lora_target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
+
+    @field_validator("source")
+    @classmethod
+    def _builtin_source(cls, value: str) -> str:
+        """`testbed` names the committed testbed base model; it becomes that absolute directory here, once."""
+        from rewardtune.errors import RewardtuneError
+        from rewardtune.testbed.assets import resolve_model_source
+
+        try:
+            return resolve_model_source(value)
+        except RewardtuneError as err:
+            raise ValueError(str(err)) from None
 
 
 class PromptsConfig(_Strict):

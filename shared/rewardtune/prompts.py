@@ -21,6 +21,7 @@ _BUILTIN_SLICES: dict[str, tuple[str, int, int | None]] = {
     "imagenet_animals": ("imagenet_classes.txt", 0, 398),
     "imagenet_dogs": ("imagenet_classes.txt", 151, 269),
     "imagenet_all": ("imagenet_classes.txt", 0, 1000),
+    "testbed": ("testbed_prompts.txt", 0, None),  # every prompt of the testbed world (rewardtune.testbed.world)
 }
 BUILTIN_SETS = {name: spec[0] for name, spec in _BUILTIN_SLICES.items()}
 _FILE_SUFFIXES = (".txt", ".jsonl", ".csv")

@@ -124,3 +124,4 @@ def _load_builtin() -> None:
         pickscore,
         simple,
     )
+    from rewardtune.testbed import gold, proxy  # noqa: F401  (the testbed world's rewards)
