@@ -183,13 +183,14 @@ def eval_items(prompts: dict[str, list[str]], images_per_prompt: int, seed: int)
 
 # ---------------------------------------------------------------------------------------------- rewards
 def unseen_reward_specs(cfg: RunConfig) -> list[RewardSpec]:
-    """`cfg.eval_rewards`, or by default every other registered reward that builds without a source."""
+    """`cfg.eval_rewards`, or by default every other registered reward that builds without a source (not testbed_*)."""
     if cfg.eval_rewards:
         return list(cfg.eval_rewards)
     from rewardtune.rewards import reward_names
 
     seen = {cfg.reward.name, *(c.reward.name for c in cfg.algorithm.constraints)}
-    return [RewardSpec(name=name) for name in reward_names() if name not in seen]
+    # the testbed's rewards only make sense on its own world: they are named explicitly, never defaults
+    return [RewardSpec(name=name) for name in reward_names() if name not in seen and not name.startswith("testbed_")]
 
 
 def build_rewards(cfg: RunConfig, device: torch.device) -> dict[str, tuple[str, Any]]:

@@ -30,6 +30,7 @@ from rewardtune.tiny import _SPECIAL_BOS, _SPECIAL_EOS, bytes_to_unicode, sd_sch
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "testbed_pretrain.json"
+LATENT_FACTOR = 4  # 32x32 images, 8x8x4 latents: the UNet is cheap enough to train on a CPU
 
 
 @dataclass
@@ -38,17 +39,18 @@ class PretrainSettings:
 
     seed: int = 0
     images_per_spec: int = 12
-    vae_steps: int = 300
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    unet_steps: int = 500
-    unet_batch: int = 32
-    unet_lr: float = 1e-3
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_lr: float = 5e-3
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 2e-3
     uncond_prob: float = 0.1
     eval_images: int = 96
     eval_steps: int = 10
     guidance_scale: float = 4.0
-    max_seconds: float = 540.0  # the UNet loop stops early past this, so the run never exceeds ~10 minutes
+    vae_seconds: float = 120.0  # time budgets: each loop's cosine schedule ends at its step count or its budget
+    max_seconds: float = 450.0  # the UNet loop ends this long after the start, so the run stays under 10 minutes
 
 
 # ------------------------------------------------------------------------------------------- components
@@ -82,8 +84,9 @@ def build_world_tokenizer(directory: Path) -> CLIPTokenizer:
 def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=(8, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, layers_per_block=1,
+        mid_block_add_attention=False,  # flat-color images need no attention; the saved steps buy training
     )
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=77, hidden_size=32, intermediate_size=64,
@@ -91,9 +94,9 @@ def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=RESOLUTION // LATENT_FACTOR, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4,
     )
     return vae, text, unet
@@ -110,6 +113,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, s: PretrainSettings, gen
     opt = torch.optim.Adam(vae.parameters(), lr=s.vae_lr)
     x_all = images * 2 - 1
     loss_val = math.nan
+    t_start = time.monotonic()
     for step in range(s.vae_steps):
         idx = torch.randint(len(x_all), (s.vae_batch,), generator=gen)
         x = x_all[idx]
@@ -121,9 +125,14 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, s: PretrainSettings, gen
         opt.zero_grad()
         loss.backward()
         opt.step()
+        progress = min(1.0, max((step + 1) / s.vae_steps, (time.monotonic() - t_start) / s.vae_seconds))
         for group in opt.param_groups:
-            group["lr"] = s.vae_lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / s.vae_steps))
-        loss_val = float(mse)
+            group["lr"] = s.vae_lr * 0.5 * (1 + math.cos(math.pi * progress))
+        loss_val = mse.item()
+        if step % 100 == 0:
+            log.info("vae step %d mse %.4f", step, loss_val)
+        if progress >= 1.0:
+            break
     return loss_val
 
 
@@ -136,6 +145,7 @@ def train_unet(unet: UNet2DConditionModel, text: CLIPTextModel, latents: torch.T
     opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=1e-4)
     ema = math.nan
     step = 0
+    t_start = time.monotonic()
     for step in range(s.unet_steps):
         idx = torch.randint(len(latents), (s.unet_batch,), generator=gen)
         z0 = latents[idx]
@@ -153,13 +163,17 @@ def train_unet(unet: UNet2DConditionModel, text: CLIPTextModel, latents: torch.T
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        # cosine decay over steps or over the time budget, whichever runs out first
+        now = time.monotonic()
+        progress = min(1.0, max((step + 1) / s.unet_steps, (now - t_start) / max(deadline - t_start, 1e-9)))
         warm = min(1.0, (step + 1) / 100)
         for group in opt.param_groups:
-            group["lr"] = s.unet_lr * warm * 0.5 * (1 + math.cos(math.pi * (step + 1) / s.unet_steps))
-        ema = float(loss) if math.isnan(ema) else 0.98 * ema + 0.02 * float(loss)
+            group["lr"] = s.unet_lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+        value = loss.item()
+        ema = value if math.isnan(ema) else 0.98 * ema + 0.02 * value
         if step % 200 == 0:
             log.info("unet step %d loss %.4f", step, ema)
-        if time.monotonic() > deadline:
+        if now > deadline:
             log.warning("time budget reached at UNet step %d of %d", step + 1, s.unet_steps)
             break
     return step + 1, ema

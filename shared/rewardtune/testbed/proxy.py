@@ -150,8 +150,10 @@ def label_images(pipe: Any, num_samples: int, num_renders: int, seed: int, steps
     rng = np.random.default_rng(seed)
     prompts = [train_specs[i].prompt for i in rng.integers(len(train_specs), size=num_samples)]
     sampled = sample_images(pipe, prompts, seed, steps, guidance) if num_samples else torch.zeros(0, 3, 32, 32)
-    rendered = torch.from_numpy(render_batch([train_specs[i] for i in rng.integers(len(train_specs), size=num_renders)], seed))
-    return torch.cat([sampled, rendered])
+    if not num_renders:
+        return sampled
+    rendered = render_batch([train_specs[i] for i in rng.integers(len(train_specs), size=num_renders)], seed)
+    return torch.cat([sampled, torch.from_numpy(rendered)])
 
 
 def gold_scores(images: torch.Tensor) -> np.ndarray:
