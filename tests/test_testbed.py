@@ -1,14 +1,16 @@
 """The overoptimization testbed: world, exact rewards, committed base model and proxy, compare command.
 
 Documented thresholds (README "Testbed"): the committed base model's samples reach mean prompt fidelity
->= FIDELITY_MIN on training prompts (and >= HELDOUT_FIDELITY_MIN on never-pretrained combinations), and
-the committed proxy's Spearman correlation with gold on fresh base-model samples is >= SPEARMAN_MIN.
+>= FIDELITY_MIN on training prompts and on never-pretrained combinations (chance level, guessing every
+attribute, is about 0.32), and the committed proxy's Spearman correlation with gold on fresh base-model
+samples is >= SPEARMAN_MIN.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +24,10 @@ from rewardtune.testbed.assets import model_dir, proxy_dir
 from rewardtune.testbed.gold import analyze, attribute_checks, fidelity, gold_aesthetic
 from rewardtune.testbed.proxy import gold_scores, label_images, spearman
 
-FIDELITY_MIN = 0.8
-HELDOUT_FIDELITY_MIN = 0.7
-SPEARMAN_MIN = 0.6
-ROOT = model_dir().parents[4]
+FIDELITY_MIN = 0.45
+CHANCE_FIDELITY = 0.32
+SPEARMAN_MIN = 0.7
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flat(fg: tuple[float, float, float], bg: tuple[float, float, float], shape: str = "circle",
@@ -137,8 +139,20 @@ def test_pretrained_model_follows_prompts(base_pipe):
     seen = fidelity_report(base_pipe, train, 48, seed=11, steps=10, guidance=4.0)
     unseen = fidelity_report(base_pipe, heldout, 48, seed=12, steps=10, guidance=4.0)
     assert seen["fidelity"] >= FIDELITY_MIN, seen
-    assert unseen["fidelity"] >= HELDOUT_FIDELITY_MIN, unseen
-    assert seen["attribute_accuracy"]["background"] >= 0.9
+    assert unseen["fidelity"] >= FIDELITY_MIN, unseen
+    assert seen["attribute_accuracy"]["background"] >= 0.7  # 1/3 by chance
+
+
+def test_chance_fidelity_is_what_the_docs_say():
+    """Random flat images scored against random prompts land near CHANCE_FIDELITY (the baseline to beat)."""
+    rng = np.random.default_rng(0)
+    specs = world.all_specs()
+    scores = []
+    for i in range(300):
+        drawn = specs[rng.integers(len(specs))]
+        image = world.render(drawn, seed=i).astype(np.float64)
+        scores.append(fidelity(image, specs[rng.integers(len(specs))].prompt))
+    assert abs(np.mean(scores) - CHANCE_FIDELITY) < 0.05
 
 
 def test_proxy_tracks_gold_in_distribution(base_pipe):
@@ -182,6 +196,19 @@ def test_proxy_goes_through_the_model_cache(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="sha256"):
         build_reward(RewardSpec(name="testbed_proxy", source=str(entry)), "cpu")
     assert result.status
+
+
+def test_pretrain_is_seeded(tmp_path):
+    from safetensors.torch import load_file
+
+    from rewardtune.testbed.pretrain import PretrainSettings, pretrain
+
+    tiny = PretrainSettings(images_per_spec=1, vae_steps=2, unet_steps=2, vae_batch=4, unet_batch=4, eval_images=2)
+    pretrain(tmp_path / "a", tiny)
+    pretrain(tmp_path / "b", tiny)
+    a = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------- commands

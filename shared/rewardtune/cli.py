@@ -120,6 +120,9 @@ def _cmd_testbed_pretrain(args: argparse.Namespace) -> None:
         raise RewardtuneError(f"--out {out} already exists; pass --force to rebuild it")
     if out.exists():
         shutil.rmtree(out)
+    import torch
+
+    torch.set_num_threads(args.threads)  # the result depends on the thread count; 1 reproduces the committed one
     summary = build_testbed(out, seed=args.seed, quick=args.quick)
     print(json.dumps(summary, indent=1))
     print(f"testbed model: {out / 'model'}\ntestbed proxy: {out / 'proxy'}")
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pre.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as for the committed model)")
     pre.add_argument("--quick", action="store_true", help="a few steps only (tests; the model follows no prompt)")
     pre.set_defaults(func=_cmd_testbed_pretrain)
     cmp = tb.add_parser("compare", help="train each algorithm on the proxy over seeds; gold/fidelity comparison report")
