@@ -229,7 +229,7 @@ def _tiny_compare_args(out) -> list[str]:
     return ["testbed", "compare", "--seeds", "1", "--out", str(out),
             "--set", "training.epochs=2", "--set", "sampling.batch_size=4", "--set", "sampling.batches_per_epoch=1",
             "--set", "training.batch_size=4", "--set", "training.gradient_accumulation_steps=1",
-            "--set", "sampling.num_steps=4", "--set", "checkpointing.every_epochs=1", "--set", "algorithm.reset.every=1",
+            "--set", "sampling.num_steps=4", "--checkpoint-every", "1", "--set", "algorithm.reset.every=1",
             "--set", "evaluation.num_heldout_prompts=3", "--set", "evaluation.images_per_prompt=2"]
 
 

@@ -132,7 +132,8 @@ def _cmd_testbed_compare(args: argparse.Namespace) -> None:
     from rewardtune.testbed.compare import compare
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    compare(args.out, algorithms, args.seeds, args.config, args.set, fidelity_margin=args.fidelity_margin)
+    compare(args.out, algorithms, args.seeds, args.config, args.set, fidelity_margin=args.fidelity_margin,
+            checkpoint_every=args.checkpoint_every)
     print(Path(args.out, "comparison.md").read_text())
     print(f"report: {Path(args.out) / 'comparison.html'}")
 
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--config", help="base config (default: configs/testbed.yaml)")
     cmp.add_argument("--fidelity-margin", type=float, default=0.05,
                      help="CDPO: fidelity must stay above the base model's epoch-0 mean minus this")
+    cmp.add_argument("--checkpoint-every", type=int, default=2, help="epochs between evaluated checkpoints")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.epochs=4")
     cmp.set_defaults(func=_cmd_testbed_compare)
     return parser

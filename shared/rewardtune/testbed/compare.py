@@ -52,8 +52,10 @@ def write_prompts(out: Path) -> Path:
     return out
 
 
-def run_config(base: RunConfig, algorithm: str, seed: int, prompts_file: Path, fidelity_margin: float) -> RunConfig:
-    """The base config with only the algorithm and the seed changed (plus CDPO's fidelity constraint)."""
+def run_config(base: RunConfig, algorithm: str, seed: int, prompts_file: Path, fidelity_margin: float,
+               checkpoint_every: int = 2) -> RunConfig:
+    """The base config with only the algorithm and the seed changed (plus CDPO's fidelity constraint and
+    a checkpoint every `checkpoint_every` epochs, the points of the curves)."""
     data = base.model_dump(mode="json")
     data["algorithm"]["name"] = algorithm
     data["algorithm"]["constraints"] = []
@@ -63,6 +65,7 @@ def run_config(base: RunConfig, algorithm: str, seed: int, prompts_file: Path, f
     data["training"]["seed"] = seed
     data["prompts"]["source"] = str(prompts_file)
     data["checkpointing"]["keep_last"] = 10_000  # every checkpoint is a point on the curves
+    data["checkpointing"]["every_epochs"] = checkpoint_every
     data["logging"]["progress_bars"] = False
     return RunConfig.model_validate(data)
 
@@ -269,7 +272,7 @@ def write_report(out: Path, curves: dict[str, list[dict[str, Any]]], meta: dict[
 
 
 def compare(out: str | Path, algorithms: list[str], seeds: int, config: str | Path | None = None,
-            overrides: list[str] | None = None, fidelity_margin: float = 0.05) -> dict[str, Any]:
+            overrides: list[str] | None = None, fidelity_margin: float = 0.05, checkpoint_every: int = 2) -> dict[str, Any]:
     """Run every (algorithm, seed), evaluate, and write the comparison report into `out`."""
     import torch
 
@@ -289,7 +292,7 @@ def compare(out: str | Path, algorithms: list[str], seeds: int, config: str | Pa
         curves[algorithm] = []
         for seed in range(seeds):
             name = f"{algorithm}-seed{seed}"
-            cfg = run_config(base, algorithm, seed, prompts_dir / "train.txt", fidelity_margin)
+            cfg = run_config(base, algorithm, seed, prompts_dir / "train.txt", fidelity_margin, checkpoint_every)
             log.info("run %s", name)
             timing[name] = run_one(cfg, out / "runs" / name, out / "evals" / name, prompts_dir)
             curves[algorithm].append(run_curves(out / "runs" / name, out / "evals" / name))
@@ -298,6 +301,6 @@ def compare(out: str | Path, algorithms: list[str], seeds: int, config: str | Pa
         "images_per_epoch": base.sampling.batch_size * base.sampling.batches_per_epoch,
         "heldout_prompts": base.evaluation.num_heldout_prompts, "images_per_prompt": base.evaluation.images_per_prompt,
         "wall_s": time.perf_counter() - start, "timing": timing, "device": base.device,
-        "threads": torch.get_num_threads(), "fidelity_margin": fidelity_margin,
+        "threads": torch.get_num_threads(), "fidelity_margin": fidelity_margin, "checkpoint_every": checkpoint_every,
     }
     return write_report(out, curves, meta)
