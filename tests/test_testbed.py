@@ -260,3 +260,13 @@ def test_compare_all_algorithms(tmp_path):
     data = json.loads((out / "comparison.json").read_text())
     assert set(data["summary"]["algorithms"]) == {"ddpo", "tdpo", "tdpo_r", "cdpo"}
     assert data["curves"]["tdpo_r"][0]["reset_epochs"] == [0, 1]  # reset.every=1
+
+
+def test_testbed_rewards_are_never_default_unseen_rewards():
+    from rewardtune.evaluate import unseen_reward_specs
+
+    cfg = load_config(ROOT / "configs" / "testbed.yaml", ["eval_rewards=[]", "reward.name=brightness"])
+    names = {s.name for s in unseen_reward_specs(cfg)}
+    assert names and not any(n.startswith("testbed_") for n in names)
+    explicit = load_config(ROOT / "configs" / "testbed.yaml")
+    assert [s.name for s in unseen_reward_specs(explicit)] == ["testbed_gold", "testbed_fidelity"]
