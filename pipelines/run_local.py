@@ -2,12 +2,14 @@
 
     python pipelines/run_local.py [--epochs N] [--root runs/kfp-local]
 
-Runs the sub-DAG whose stages are built today (prepare-prompts -> train, with the exit handler); the full
-alignment DAG also needs cache-models / evaluate / report (see docs/pipeline.md, "Status").
+Runs the whole alignment DAG — prepare-prompts -> cache-models -> train -> evaluate (per checkpoint,
+ParallelFor + Collected) -> report, inside the exit handler — with the kfp-kubernetes settings ignored
+(kfp.local has no cluster), the model cache in a local directory, and prints where the report is.
 """
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kfp import local  # noqa: E402
 
-from pipelines.alignment import train_only_pipeline  # noqa: E402
+from pipelines.alignment import alignment_pipeline  # noqa: E402
 
 
 def tiny_config_text(model_dir: Path, config: Path = REPO / "configs" / "tiny.yaml") -> str:
@@ -34,15 +36,25 @@ def tiny_config_text(model_dir: Path, config: Path = REPO / "configs" / "tiny.ya
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def run_local(root: Path, model_dir: Path, epochs: int = 0) -> Path:
-    """Run prepare-prompts -> train under kfp.local; returns the trained run directory (checkpoints artifact)."""
+def run_local(root: Path, model_dir: Path, epochs: int = 0, config: Path = REPO / "configs" / "tiny.yaml") -> tuple[Path, Path]:
+    """Run the alignment DAG under kfp.local; returns (the report's HTML file, the training run directory)."""
     from rewardtune.tiny import init_tiny
 
     if not (model_dir / "model_index.json").is_file():
         init_tiny(model_dir)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root.resolve()), raise_on_error=True)
-    task = train_only_pipeline(config=tiny_config_text(model_dir), epochs=epochs)
-    return Path(task.output.path)
+    root = root.resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    alignment_pipeline(config=tiny_config_text(model_dir, config), epochs=epochs, model_cache_uri=str(root / "model-cache"))
+    reports = sorted(root.rglob("html"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        raise RuntimeError(f"the pipeline finished but wrote no report under {root}")
+    run_dir = max((p.parent for p in root.rglob("metrics.jsonl")), key=lambda p: p.stat().st_mtime)
+    # KFP names the artifact file "html"; a copy with a suffix opens in a browser by double-click.
+    report = root / "report.html"
+    tmp = report.with_suffix(".html.tmp")
+    shutil.copyfile(reports[-1], tmp)
+    tmp.replace(report)
+    return report, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "kfp-local", help="kfp.local pipeline root")
     parser.add_argument("--model", type=Path, default=REPO / "runs" / "tiny-sd", help="tiny model dir (built if missing)")
     parser.add_argument("--epochs", type=int, default=0, help="override training.epochs (0: the config's)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml", help="run config (model.source is replaced by --model)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    run_dir = run_local(args.root, args.model, args.epochs)
+    report, run_dir = run_local(args.root, args.model, args.epochs, args.config)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
-    print(f"run (checkpoints artifact): {run_dir}")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}")
-    print(f"checkpoints: {run_dir / 'checkpoints'}")
-    print("report: not produced yet - the evaluate/report stages are not wired into this checkout (docs/pipeline.md)")
+    print(f"report: {report}")
+    print(f"run: {run_dir} (metrics.jsonl, checkpoints/)")
+    print(f"all artifacts: {args.root}")
     return 0
 
 

@@ -46,7 +46,7 @@ def test_compile_reproduces_committed_yaml(tmp_path):
 def test_parameters_and_stages(specs):
     pipeline, _ = specs
     params = set(pipeline.root.input_definitions.parameters)
-    assert {"config", "algorithm", "base_model", "reward", "epochs", "gpu_type", "gpu_count", "image_tag",
+    assert {"config", "algorithm", "base_model", "reward", "epochs", "gpu_count", "gpu_node_selector", "image_tag",
             "checkpoint_pvc", "model_cache_pvc", "model_cache_uri"} <= params
     execs = set(pipeline.deployment_spec.fields["executors"].struct_value.fields)
     assert {f"exec-{s}" for s in ("prepare-prompts", "cache-models", "train", "evaluate", "report", "record-status")} <= execs
@@ -56,7 +56,7 @@ def test_train_gpu_resources_retry_and_no_cache(specs):
     pipeline, _ = specs
     train = pipeline.deployment_spec.fields["executors"].struct_value.fields["exec-train"].struct_value
     container = json_format.MessageToDict(train)["container"]
-    assert container["resources"]["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_type']}}"
+    assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert container["resources"]["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpu_count']}}"
     assert "rewardtune-trainer:{{$.inputs.parameters['pipelinechannel--image_tag']}}" in container["image"]
     task = _dag_task(pipeline, "train")

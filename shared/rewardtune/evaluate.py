@@ -451,6 +451,7 @@ def evaluate_run(
     measured against its embeddings.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    prompts_dir = Path(prompts_dir) if prompts_dir is not None else None
     names = checkpoint_names(run_dir, checkpoint)
     todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
     paths = [out_dir / n / "metrics.json" for n in names]

@@ -189,3 +189,21 @@ def record_run_status(state: str, job: str, error_message: str = "") -> str:
     line = f"rewardtune run {job or '<local>'}: {state}" + (f" ({error_message})" if error_message else "")
     print(line, file=sys.stdout if state == "SUCCEEDED" else sys.stderr)
     return line
+
+
+def merge_evaluations(eval_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Gather per-checkpoint evaluation results (one `<checkpoint>/` folder each) into one directory.
+
+    The fanned-out evaluate steps each also hold the base model's results, which are identical (same
+    seeds, same weights): the first copy is kept.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for directory in eval_dirs:
+        for result in sorted(Path(directory).glob("*/metrics.json")):
+            target = out / result.parent.name
+            if not target.exists():
+                shutil.copytree(result.parent, target)
+    return out
