@@ -6,6 +6,7 @@ model, nothing to download). Medians over the timed epochs; the first epoch is w
     python benchmarks/rl_epoch.py                                  # tiny, CPU
     python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16
     python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16 --compare-trl --fused-steps 1,4
+    python benchmarks/rl_epoch.py --algorithm tdpo_r --reward aesthetic --critic-input-strides 1,5,10   # cheap critic input
 
 `--compare-trl` times TRL 0.23.1's DDPOTrainer (a benchmark-only extra: `pip install --no-deps trl==0.23.1`,
 never a runtime dependency) in the same process on the same pipeline directory and settings.
@@ -35,7 +36,8 @@ def build_config(args: argparse.Namespace, model_dir: Path) -> dict:
         "sampling": {"num_steps": args.steps, "eta": 1.0, "guidance_scale": 5.0, "batch_size": args.sample_batch,
                      "batches_per_epoch": batches, "resolution": args.resolution or PRESETS[args.preset]["resolution"]},
         "reward": {"name": args.reward},
-        "algorithm": {"name": args.algorithm},
+        "algorithm": {"name": args.algorithm, **({"critic": {"input_stride": args.stride, "image_encoder": args.tower}}
+                                                 if args.algorithm != "ddpo" else {})},
         "training": {"epochs": args.epochs + 1, "batch_size": args.train_batch,
                      "gradient_accumulation_steps": args.grad_accum, "fused_steps": args.fused,
                      "timestep_fraction": 1.0, "mixed_precision": args.mixed_precision, "learning_rate": 3e-4,
@@ -43,6 +45,27 @@ def build_config(args: argparse.Namespace, model_dir: Path) -> dict:
         "logging": {"progress_bars": False},
         "device": args.device,
     }
+
+
+def save_critic_tower(directory: Path, preset: str) -> str:
+    """A random-weight CLIP for the TDPO critic's image tower: ViT-L/14-shaped for sd15 (the paper's), tiny otherwise."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from rewardtune.rewards.tiny import save_tiny_clip
+    from rewardtune.tiny import build_tokenizer
+
+    if preset != "sd15":
+        save_tiny_clip(directory, seed=0)
+        return str(directory)
+    tokenizer = build_tokenizer()
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                  patch_size=14, hidden_act="quick_gelu")
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=len(tokenizer),
+                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
 def epoch_flops(trainer: Trainer, samples) -> float:
@@ -133,6 +156,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step (x timesteps)")
     parser.add_argument("--fused-steps", default="1", help="comma-separated training.fused_steps values to time")
+    parser.add_argument("--critic-input-strides", default="1",
+                        help="comma-separated algorithm.critic.input_stride values to time (TDPO family)")
     parser.add_argument("--compare-trl", action="store_true", help="also time TRL's DDPOTrainer in this process")
     parser.add_argument("--trl-mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
@@ -148,19 +173,22 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_tiny(Path(tmp) / args.preset, preset=args.preset)
+        args.tower = save_critic_tower(Path(tmp) / "critic-tower", args.preset) if args.algorithm != "ddpo" else None
         if args.compare_trl:
             torch.cuda.reset_peak_memory_stats()
             rows = time_trl(args, model_dir, Path(tmp) / "trl")
             results.append(summarize("trl-0.23.1-ddpo", rows, None, args))
             torch.cuda.empty_cache()
-        for fused in [int(f) for f in str(args.fused_steps).split(",")]:
-            args.fused = fused
+        variants = [(int(f), int(k)) for f in str(args.fused_steps).split(",") for k in str(args.critic_input_strides).split(",")]
+        for fused, stride in variants:
+            args.fused, args.stride = fused, stride
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            trainer = Trainer(parse_config(build_config(args, model_dir)), Path(tmp) / f"run-{fused}")
+            trainer = Trainer(parse_config(build_config(args, model_dir)), Path(tmp) / f"run-{fused}-{stride}")
             rows = time_epochs(trainer, args.epochs)
             flops = epoch_flops(trainer, trainer.sample_epoch(0, EpochTimes())) if on_gpu else None
-            results.append(summarize(f"rewardtune-{args.algorithm}-fused{fused}", rows, flops, args))
+            name = f"rewardtune-{args.algorithm}-fused{fused}" + (f"-stride{stride}" if args.algorithm != "ddpo" else "")
+            results.append(summarize(name, rows, flops, args))
             del trainer
             if on_gpu:
                 torch.cuda.empty_cache()

@@ -98,6 +98,14 @@ class CriticConfig(_Strict):
     input: Literal["decoded_latent"] = Field(
         "decoded_latent", description="What the critic sees: the VAE-decoded x_t, embedded by a frozen image tower."
     )
+    input_stride: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Decode and embed x_t every `input_stride` steps (the first and last always) and interpolate the "
+            "embeddings in between; 1 is paper-exact, larger is a measured cheaper deviation."
+        ),
+    )
     image_encoder: str | None = Field(
         None, description="Source of the frozen image tower (CLIP vision model); None uses the training reward's."
     )

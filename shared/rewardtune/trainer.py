@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
 from rewardtune.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
 from rewardtune.config import RunConfig
-from rewardtune.critic import Critics
+from rewardtune.critic import Critics, embedded_steps, interpolate_step_embeddings
 from rewardtune.diffusion import (
     ddim_step_with_logprob,
     decode_latents,
@@ -225,7 +225,11 @@ class Trainer:
             embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
             negative = self.negative_embed.expand(len(prompts), -1, -1)
             critic_inputs: list[torch.Tensor] = []
-            store = critic_inputs.append
+            embed_at = set(embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride))
+
+            def store(k: int, x_t: torch.Tensor, embed_at=embed_at, critic_inputs=critic_inputs) -> None:
+                if k in embed_at:
+                    critic_inputs.append(self.critic_input(x_t))
             traj = sample_trajectories(
                 self.unet,
                 self.pipe.vae,
@@ -238,12 +242,14 @@ class Trainer:
                 resolution=cfg.resolution,
                 generator=generator,
                 autocast_dtype=self.autocast_dtype,
-                before_step=(lambda _k, x_t, store=store: store(self.critic_input(x_t))) if self.critics else None,
+                before_step=store if self.critics else None,
                 progress=self._progress(),
             )
             extras = {}
             if self.critics is not None:
-                extras["critic_inputs"] = torch.stack(critic_inputs, dim=1)
+                extras["critic_inputs"] = interpolate_step_embeddings(
+                    sorted(embed_at), torch.stack(critic_inputs, dim=1), cfg.num_steps
+                )
                 extras["old_values"] = self.critics.eval()(extras["critic_inputs"])
                 if self.cfg.algorithm.critic.kl_coef > 0:
                     extras["ref_log_probs"] = self.reference_log_probs(traj)
