@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
 sys.path[:0] = [str(REPO), str(REPO / "shared")]
 # Component subprocesses import rewardtune from the same checkout, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "shared"), str(REPO), os.environ.get("PYTHONPATH")]))
@@ -26,25 +27,33 @@ from kfp import local  # noqa: E402
 from pipelines.alignment import alignment_pipeline  # noqa: E402
 
 
-def tiny_config_text(model_dir: Path, config: Path = REPO / "configs" / "tiny.yaml") -> str:
-    """configs/tiny.yaml with model.source made absolute (component subprocesses run in their own cwd)."""
+def local_config_text(config: Path, model_dir: Path | None = None) -> str:
+    """The config as YAML text with `model.source` replaced by `model_dir` when given; a relative source that
+    exists from the repository root is made absolute (component subprocesses run in their own cwd)."""
     import yaml
 
     data = yaml.safe_load(config.read_text())
-    data["model"]["source"] = str(model_dir.resolve())
+    source = data["model"]["source"]
+    if model_dir is not None:
+        data["model"]["source"] = str(model_dir.resolve())
+    elif not Path(source).is_absolute() and (REPO / source).exists():
+        data["model"]["source"] = str((REPO / source).resolve())
     data.setdefault("logging", {})["progress_bars"] = False
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def run_local(root: Path, model_dir: Path, epochs: int = 0, config: Path = REPO / "configs" / "tiny.yaml") -> tuple[Path, Path]:
-    """Run the alignment DAG under kfp.local; returns (the report's HTML file, the training run directory)."""
-    from rewardtune.tiny import init_tiny
+def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config: Path = DEFAULT_CONFIG) -> tuple[Path, Path]:
+    """Run the alignment DAG under kfp.local; returns (the report's HTML file, the training run directory).
 
-    if not (model_dir / "model_index.json").is_file():
+    `model_dir`: a tiny model directory (built with `init-tiny` if missing) that replaces the config's model.
+    """
+    if model_dir is not None and not (model_dir / "model_index.json").is_file():
+        from rewardtune.tiny import init_tiny
+
         init_tiny(model_dir)
     root = root.resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    alignment_pipeline(config=tiny_config_text(model_dir, config), epochs=epochs, model_cache_uri=str(root / "model-cache"))
+    alignment_pipeline(config=local_config_text(config, model_dir), epochs=epochs, model_cache_uri=str(root / "model-cache"))
     reports = sorted(root.rglob("html"), key=lambda p: p.stat().st_mtime)
     if not reports:
         raise RuntimeError(f"the pipeline finished but wrote no report under {root}")
@@ -60,9 +69,10 @@ def run_local(root: Path, model_dir: Path, epochs: int = 0, config: Path = REPO 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "kfp-local", help="kfp.local pipeline root")
-    parser.add_argument("--model", type=Path, default=REPO / "runs" / "tiny-sd", help="tiny model dir (built if missing)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="replace the config's model with this tiny model dir (built with init-tiny if missing)")
     parser.add_argument("--epochs", type=int, default=0, help="override training.epochs (0: the config's)")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml", help="run config (model.source is replaced by --model)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     report, run_dir = run_local(args.root, args.model, args.epochs, args.config)
