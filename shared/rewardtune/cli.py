@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from rewardtune.errors import RewardtuneError
+from rewardtune.errors import RewardtuneError, Terminated
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> None:
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)
+    except Terminated as err:
+        print(f"terminated: {err}", file=sys.stderr)
+        return err.exit_code
     except RewardtuneError as err:
         if args.verbose:
             raise

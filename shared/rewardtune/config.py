@@ -216,6 +216,12 @@ class TrainingConfig(_Strict):
 class CheckpointConfig(_Strict):
     every_epochs: int = Field(1, ge=1)
     keep_last: int = Field(3, ge=1, description="Newest checkpoints kept; reset checkpoints are always kept.")
+    termination_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM, finish the epoch and checkpoint only if that fits in this many seconds "
+        "(keep it below the pod's terminationGracePeriodSeconds, 30 by default); otherwise stop at once.",
+    )
 
 
 class EvaluationConfig(_Strict):
