@@ -158,6 +158,7 @@ def test_twenty_random_kills_resume_bit_identically(config, reference, tmp_path)
         kill_and_resume(config, ref, point, tmp_path / f"trial-{i}")
 
 
+@pytest.mark.slow
 def test_kill_during_resumed_run_then_resume_again(config, reference, tmp_path):
     """Two preemptions in a row, the second right in the first resumed process's checkpoint write."""
     ref, points = reference
@@ -237,3 +238,46 @@ def test_real_sigterm_to_a_fresh_process_exits_within_the_grace(config, tmp_path
     done = len(_metrics(out))
     newest = latest_checkpoint(out / "checkpoints")[0]
     assert verify_checkpoint(newest)["epochs_done"] == done  # every finished epoch is checkpointed
+
+
+EVAL_SETTINGS = ["--set", "evaluation.num_heldout_prompts=2", "--set", "evaluation.num_train_prompts=1",
+                 "--set", "evaluation.images_per_prompt=2", "--set", "evaluation.grid_prompts=1"]
+
+
+def _eval_results(out: Path) -> dict[str, object]:
+    """Every result file of every evaluated checkpoint, timing and hardware aside."""
+    found: dict[str, object] = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_dir() or rel == "eval_settings.json":
+            continue
+        if path.name == "metrics.json":
+            data = json.loads(path.read_text())
+            found[rel] = {k: v for k, v in data.items() if k not in ("timing", "hardware")}
+        else:
+            found[rel] = path.read_bytes()
+    return found
+
+
+def test_evaluate_killed_mid_write_resumes_and_skips_finished_checkpoints(config, reference, tmp_path):
+    ref, _ = reference
+    straight = tmp_path / "straight"
+    argv = ["evaluate", "--config", str(config), "--run", str(ref), *EVAL_SETTINGS]
+    assert run_cli([*argv, "--out", str(straight)]).returncode == 0
+    expected = _eval_results(straight)
+    assert sum(name.endswith("metrics.json") for name in expected) >= 3
+
+    out = tmp_path / "killed"
+    killed = run_cli([*argv, "--out", str(out)], env={FAULT_ENV: "eval_write:3"})  # third checkpoint, before metrics.json
+    assert killed.returncode == -signal.SIGKILL
+    visible = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(visible) == 2 and all((out / name / "metrics.json").is_file() for name in visible)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp-")], "the killed write was in a temp dir"
+    before = {name: (out / name / "metrics.json").stat().st_mtime_ns for name in visible}
+
+    again = run_cli([*argv, "--out", str(out)])
+    assert again.returncode == 0, again.stderr
+    assert all(f"checkpoint {name} already evaluated; skipped" in again.stderr for name in visible)
+    assert {name: (out / name / "metrics.json").stat().st_mtime_ns for name in visible} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert _eval_results(out) == expected
