@@ -180,12 +180,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(progress_bars: bool) -> None:
+    """Keep stderr for our own messages: a failing command must end in one readable error line.
+
+    Library warnings we already check ourselves (e.g. transformers' over-long prompt warning) go, and
+    model-loading progress bars go when stderr is not a terminal (pod logs). Environment variables cover
+    libraries imported later; the calls cover those already imported.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if progress_bars:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+    # diffusers reads no environment variable for its bars; models.load_pipeline follows the hub's setting
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "botocore", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        _quiet_libraries(progress_bars=sys.stderr.isatty())
     try:
         args.func(args)
     except Terminated as err:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rewardtune.errors import ConfigError
 
@@ -44,11 +44,12 @@ class PromptsConfig(_Strict):
     )
     split_seed: int = Field(0, description="Seed of the train/held-out split (independent of training.seed).")
 
-    @model_validator(mode="after")
-    def _template_has_slot(self) -> PromptsConfig:
-        if "{}" not in self.template:
-            raise ValueError("template must contain '{}' where the prompt goes")
-        return self
+    @field_validator("template")
+    @classmethod
+    def _template_has_slot(cls, template: str) -> str:
+        if "{}" not in template:  # a field validator, so the error names prompts.template
+            raise ValueError("template must contain '{}' where the prompt goes, e.g. 'a photo of a {}'")
+        return template
 
 
 class SamplingConfig(_Strict):

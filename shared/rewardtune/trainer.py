@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -221,7 +222,8 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def _progress(self) -> bool:
-        return self.cfg.logging.progress_bars and self.is_main
+        # progress bars only on a terminal: in a pod's log (or a failed run's stderr) they are noise
+        return self.cfg.logging.progress_bars and self.is_main and sys.stderr.isatty()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
