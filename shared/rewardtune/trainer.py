@@ -601,7 +601,13 @@ class Trainer:
         load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
         if self.critics is not None:
             self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        try:  # weights_only: a checkpoint is data, never code (a crafted pickle is refused, not run)
+            optimizer_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt is not a weights-only torch file ({first[:120]}); "
+                                  "resume from another checkpoint or start a new --out") from None
+        self.optimizer.load_state_dict(optimizer_state)
         self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
 
     # ------------------------------------------------------------------ termination (SIGTERM)
