@@ -281,3 +281,25 @@ def test_evaluate_killed_mid_write_resumes_and_skips_finished_checkpoints(config
     assert {name: (out / name / "metrics.json").stat().st_mtime_ns for name in visible} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert _eval_results(out) == expected
+
+
+def test_a_second_trainer_waits_for_the_run_directory_lock(config, tmp_path):
+    """A retried pod starting while the old one still holds --out (its SIGTERM grace) waits, then refuses."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = open(out / ".rewardtune.lock", "w")  # noqa: SIM115 - held across the calls below
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    argv = ["train", "--config", str(config), "--out", str(out), "--set", "training.epochs=1"]
+    refused = run_cli([*argv, "--set", "checkpointing.lock_wait_s=0"])
+    assert refused.returncode == 2 and not (out / "checkpoints").exists()
+    [line] = refused.stderr_lines()
+    assert "is in use by another `rewardtune train`" in line and "choose another --out" in line
+
+    threading.Timer(1.0, holder.close).start()  # the old pod exits; the waiting one proceeds
+    waited = run_cli([*argv, "--set", "checkpointing.lock_wait_s=60"])
+    assert waited.returncode == 0, waited.stderr
+    assert "is locked by another run; waiting" in waited.stderr
+    assert verify_checkpoint(out / "checkpoints" / "epoch-000001")["epochs_done"] == 1

@@ -223,6 +223,9 @@ class CheckpointConfig(_Strict):
         description="On SIGTERM, finish the epoch and checkpoint only if that fits in this many seconds "
         "(keep it below the pod's terminationGracePeriodSeconds, 30 by default); otherwise stop at once.",
     )
+    lock_wait_s: float = Field(
+        120.0, ge=0, description="How long train waits for another process (an old pod in its grace) to release --out."
+    )
 
 
 class EvaluationConfig(_Strict):

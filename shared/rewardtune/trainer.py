@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -623,11 +624,15 @@ class Trainer:
         Only epoch boundaries are checkpointed (mid-epoch state would need the sampled trajectories), so
         stopping here loses this epoch's work but nothing else: resume redoes it bit-identically.
         """
-        if self.term_requested_at is None:
+        if self.term_requested_at is None and self.accelerator.num_processes == 1:
             return
         now = time.monotonic()
-        deadline = self.term_requested_at + self.cfg.checkpointing.termination_grace_s
-        if self.last_epoch_s is not None and self.epoch_started_at + self.last_epoch_s <= deadline:
+        fits = self.term_requested_at is None or (
+            self.last_epoch_s is not None
+            and self.epoch_started_at + self.last_epoch_s <= self.term_requested_at + self.cfg.checkpointing.termination_grace_s
+        )
+        requested, fits = self._termination_votes(fits)
+        if not requested or fits:
             return
         found = latest_checkpoint(self.checkpoint_dir)
         newest = found[0].name if found else "none (starts over)"
@@ -635,16 +640,59 @@ class Trainer:
                          f"grace ({now - self.epoch_started_at:.1f} s in); stopped without a new checkpoint, newest is "
                          f"{newest}; run again with --resume")
 
+    def _termination_votes(self, fits: bool) -> tuple[bool, bool]:
+        """(some process got SIGTERM, every process has time to finish the epoch), agreed by all processes,
+        so that none stops alone and leaves the others waiting in a collective."""
+        requested = self.term_requested_at is not None
+        if self.accelerator.num_processes == 1:
+            return requested, fits
+        vote = torch.tensor([[float(requested), float(fits)]], device=self.device)
+        votes = self.accelerator.gather(vote)
+        return bool(votes[:, 0].max() > 0), bool(votes[:, 1].min() > 0)
+
+    def _lock_out_dir(self) -> int:
+        """An exclusive lock on the run directory, held for the whole run.
+
+        A retried pod can start while the old one is still inside its termination grace, writing its last
+        checkpoint; the new one waits up to `checkpointing.lock_wait_s` for it instead of writing alongside.
+        """
+        import fcntl
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / ".rewardtune.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.cfg.checkpointing.lock_wait_s
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RewardtuneError(
+                        f"{self.out_dir} is in use by another `rewardtune train` (lock {path.name} held for "
+                        f"{self.cfg.checkpointing.lock_wait_s:g} s); wait for it to end or choose another --out"
+                    ) from None
+                if not waiting:
+                    log.warning("%s is locked by another run; waiting up to %g s", self.out_dir,
+                                self.cfg.checkpointing.lock_wait_s)
+                    waiting = True
+                time.sleep(0.2)
+
     # ------------------------------------------------------------------ the job
     def run(self, resume: bool = False) -> Path:
         """The whole job; on SIGTERM it checkpoints at the next safe point and raises `Terminated`."""
         handler_installed = threading.current_thread() is threading.main_thread()
+        lock = self._lock_out_dir() if self.is_main else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handler_installed else None
         try:
             return self._run(resume)
         finally:
             if handler_installed:
                 signal.signal(signal.SIGTERM, previous)
+            if lock is not None:
+                os.close(lock)  # releases the flock
 
     def _run(self, resume: bool) -> Path:
         cfg = self.cfg
@@ -710,7 +758,7 @@ class Trainer:
                 log.info("epoch %d: reward %.4f ± %.4f, kl %.2e, clipfrac %.3f", epoch, record["reward_mean"],
                          record["reward_std"], record["approx_kl"], record["clipfrac"])
             fault_point("metrics")
-            stopping = self.term_requested_at is not None
+            stopping, _ = self._termination_votes(True)
             saved = None
             if reset_now:
                 saved = self.save("post_reset")
