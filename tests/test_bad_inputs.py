@@ -173,6 +173,12 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                    r"reward 'aesthetic' returned 2 non-finite value\(s\) for prompts \['.+'\].*the step was refused"),
     "reward-inf": (lambda c: c.train("reward.name=aesthetic", f"reward.source={c.inf_reward}"),
                    r"reward 'aesthetic' returned 2 non-finite value\(s\) for prompts \['.+'\]"),
+    # secrets: refused without being echoed back
+    "credentials-in-model-url": (lambda c: c.train("model.source=https://user:p4ssw0rd@models.example.com/sd"),
+                                 r"^(?!.*p4ssw0rd).*model\.source: https://\.\.\.@models\.example\.com: credentials do not "
+                                 r"belong in a config .*pass them as environment variables"),
+    "credentials-in-reward-option": (lambda c: c.train("reward.name=aesthetic", "reward.options={clip_source: 's3://AKIA:s3cr3t@b/clip'}"),
+                                     r"^(?!.*s3cr3t).*reward\.options: s3://\.\.\.@b: credentials do not belong"),
     "cuda-without-cuda": (_cuda, r"device: cuda was requested but no CUDA GPU is visible; set device: cpu or auto"),
 }
 

@@ -627,9 +627,11 @@ class Trainer:
         if self.term_requested_at is None and self.accelerator.num_processes == 1:
             return
         now = time.monotonic()
+        # the epoch (checkpoint included) is predicted to end as the last one did, or now if it is already later
         fits = self.term_requested_at is None or (
             self.last_epoch_s is not None
-            and self.epoch_started_at + self.last_epoch_s <= self.term_requested_at + self.cfg.checkpointing.termination_grace_s
+            and max(self.epoch_started_at + self.last_epoch_s, now)
+            < self.term_requested_at + self.cfg.checkpointing.termination_grace_s
         )
         requested, fits = self._termination_votes(fits)
         if not requested or fits:
