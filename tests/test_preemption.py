@@ -303,3 +303,35 @@ def test_a_second_trainer_waits_for_the_run_directory_lock(config, tmp_path):
     assert waited.returncode == 0, waited.stderr
     assert "is locked by another run; waiting" in waited.stderr
     assert verify_checkpoint(out / "checkpoints" / "epoch-000001")["epochs_done"] == 1
+
+
+def test_the_multi_gpu_launcher_passes_sigterm_on(tmp_path):
+    """train_stage runs `accelerate launch` as a child: Kubernetes' SIGTERM to the stage must reach it."""
+    import os
+    import sys
+    import threading
+
+    from rewardtune.stages import run_forwarding_sigterm
+
+    ready, got = tmp_path / "ready", tmp_path / "got-sigterm"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"def stop(*_):\n    pathlib.Path({str(got)!r}).touch(); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+
+    def terminate_when_ready() -> None:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the forwarding handler is installed right after the child starts
+        os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet does to the stage's process
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    started = time.monotonic()
+    assert run_forwarding_sigterm([sys.executable, "-c", child]) == 143
+    assert got.exists() and time.monotonic() - started < 30
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back in place

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,22 @@ def prepare_prompts_from_config(cfg: RunConfig, out_dir: Path) -> dict[str, Any]
     )
 
 
+def run_forwarding_sigterm(cmd: list[str]) -> int:
+    """Run `cmd` and pass a SIGTERM sent to this process on to it.
+
+    Kubernetes signals only the container's main process; without forwarding, the training processes would
+    never hear of the eviction, miss their chance to checkpoint, and die by SIGKILL when the grace ends.
+    """
+    proc = subprocess.Popen(cmd)
+    forward = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM)) if forward else None
+    try:
+        return proc.wait()
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def train_stage(
     config: str, prompts_dir: Path, run_dir: Path, *, num_gpus: int = 1, overrides: list[str] | None = None,
     resume: bool = True,
@@ -121,9 +139,9 @@ def train_stage(
         if resume:
             cmd.append("--resume")
         log.info("launching %d processes: %s", num_gpus, " ".join(cmd))
-        proc = subprocess.run(cmd, check=False)
-        if proc.returncode != 0:
-            raise RewardtuneError(f"accelerate launch with {num_gpus} processes failed with exit code {proc.returncode}")
+        returncode = run_forwarding_sigterm(cmd)
+        if returncode != 0:
+            raise RewardtuneError(f"accelerate launch with {num_gpus} processes failed with exit code {returncode}")
         return run_dir
     from rewardtune.trainer import Trainer
 
