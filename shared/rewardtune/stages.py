@@ -104,11 +104,22 @@ def run_forwarding_sigterm(cmd: list[str]) -> int:
     Kubernetes signals only the container's main process; without forwarding, the training processes would
     never hear of the eviction, miss their chance to checkpoint, and die by SIGKILL when the grace ends.
     """
-    proc = subprocess.Popen(cmd)
+    children: list[subprocess.Popen] = []
+    pending: list[int] = []
+
+    def relay(signum: int, frame: object) -> None:
+        if children:
+            children[0].send_signal(signal.SIGTERM)
+        else:  # arrived before the child existed: deliver it once it does
+            pending.append(signum)
+
     forward = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM)) if forward else None
+    previous = signal.signal(signal.SIGTERM, relay) if forward else None
     try:
-        return proc.wait()
+        children.append(subprocess.Popen(cmd))
+        if pending:
+            children[0].send_signal(signal.SIGTERM)
+        return children[0].wait()
     finally:
         if forward:
             signal.signal(signal.SIGTERM, previous)
