@@ -181,16 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries(progress_bars: bool) -> None:
-    """Keep stderr for our own messages: a failing command must end in one readable error line.
+    """Keep stderr readable: a failing command must end in one error line, not under progress bars.
 
-    Library warnings we already check ourselves (e.g. transformers' over-long prompt warning) go, and
-    model-loading progress bars go when stderr is not a terminal (pod logs). Environment variables cover
+    Model-loading progress bars go when stderr is not a terminal (pod logs, captured output); library
+    warnings stay (a reward model loaded with missing weights must be heard). Environment variables cover
     libraries imported later; the calls cover those already imported.
     """
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("transformers", "diffusers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     if progress_bars:
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

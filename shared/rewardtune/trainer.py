@@ -190,7 +190,8 @@ class Trainer:
     def _check_prompt_lengths(self) -> None:
         tokenizer = self.pipe.tokenizer
         limit = tokenizer.model_max_length
-        too_long = [p for p in self.prompts if len(tokenizer(p).input_ids) > limit]
+        # verbose=False: this check replaces the tokenizer's own warning about the same thing
+        too_long = [p for p in self.prompts if len(tokenizer(p, verbose=False).input_ids) > limit]
         if too_long:
             raise RewardtuneError(
                 f"{len(too_long)} prompt(s) exceed the tokenizer's {limit} tokens (first: {too_long[0][:60]!r}); "
