@@ -57,19 +57,40 @@ def _child(argv: list[str], env: dict[str, str | None], cwd: str, out: str, err:
     sys.exit(main(argv))  # an uncaught exception prints its traceback to fd 2 and exits 1, as python does
 
 
+class RunningCli:
+    """A forked `rewardtune` run in progress; `stderr_so_far()` lets a test react to what it logs."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str | None] | None, cwd: str | Path | None) -> None:
+        self.argv = list(argv)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rt-cli-")
+        self.out, self.err = os.path.join(self._tmp.name, "stdout"), os.path.join(self._tmp.name, "stderr")
+        self.process = _ctx().Process(target=_child, args=(self.argv, dict(env or {}), str(cwd or os.getcwd()), self.out, self.err))
+        self.process.start()
+
+    def stderr_so_far(self) -> str:
+        return Path(self.err).read_text() if os.path.exists(self.err) else ""
+
+    def wait(self, timeout: float = 300) -> CliResult:
+        try:
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+                raise TimeoutError(f"rewardtune {' '.join(self.argv)} ran longer than {timeout} s")
+            return CliResult(self.process.exitcode, Path(self.out).read_text(), Path(self.err).read_text())
+        finally:
+            self._tmp.cleanup()
+
+
+def start_cli(argv: list[str], env: Mapping[str, str | None] | None = None, cwd: str | Path | None = None) -> RunningCli:
+    """`rewardtune ARGV` in a forked process, not waited for."""
+    return RunningCli(argv, env, cwd)
+
+
 def run_cli(argv: list[str], env: Mapping[str, str | None] | None = None, cwd: str | Path | None = None,
             timeout: float = 300) -> CliResult:
     """`rewardtune ARGV` in a forked process; env values of None unset that variable."""
-    with tempfile.TemporaryDirectory(prefix="rt-cli-") as tmp:
-        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        proc = _ctx().Process(target=_child, args=(list(argv), dict(env or {}), str(cwd or os.getcwd()), out, err))
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise TimeoutError(f"rewardtune {' '.join(argv)} ran longer than {timeout} s")
-        return CliResult(proc.exitcode, Path(out).read_text(), Path(err).read_text())
+    return start_cli(argv, env, cwd).wait(timeout)
 
 
 def cli_command(argv: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from rewardtune.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from rewardtune.faults import FAULT_ENV, TRACE_ENV
-from tests.cli_runner import cli_command, exec_env, run_cli
+from tests.cli_runner import cli_command, exec_env, run_cli, start_cli
 from tests.conftest import tiny_config_dict
 
 EPOCHS = 4
@@ -50,7 +50,7 @@ def config(tmp_path_factory, tiny_model_dir) -> Path:
         algorithm={"name": "cdpo", "reset": {"every": 2},
                    "constraints": [{"reward": {"name": "jpeg_compressibility"}, "relative_margin": 0.0}],
                    "lagrange": {"learning_rate": 1.0}},
-        sampling={"batches_per_epoch": 2, "batch_size": 1, "num_steps": 4},
+        sampling={"batches_per_epoch": 1, "batch_size": 2, "num_steps": 4},
         training={"epochs": EPOCHS, "batch_size": 1, "gradient_accumulation_steps": 2, "seed": 3},
         checkpointing={"every_epochs": 1, "keep_last": 1},
     )
@@ -286,7 +286,6 @@ def test_evaluate_killed_mid_write_resumes_and_skips_finished_checkpoints(config
 def test_a_second_trainer_waits_for_the_run_directory_lock(config, tmp_path):
     """A retried pod starting while the old one still holds --out (its SIGTERM grace) waits, then refuses."""
     import fcntl
-    import threading
 
     out = tmp_path / "run"
     out.mkdir()
@@ -298,10 +297,15 @@ def test_a_second_trainer_waits_for_the_run_directory_lock(config, tmp_path):
     [line] = refused.stderr_lines()
     assert "is in use by another `rewardtune train`" in line and "choose another --out" in line
 
-    threading.Timer(1.0, holder.close).start()  # the old pod exits; the waiting one proceeds
-    waited = run_cli([*argv, "--set", "checkpointing.lock_wait_s=60"])
+    waiting = start_cli([*argv, "--set", "checkpointing.lock_wait_s=120"])
+    deadline = time.monotonic() + 100
+    while "is locked by another run; waiting up to 120 s" not in waiting.stderr_so_far():
+        assert time.monotonic() < deadline and waiting.process.is_alive(), waiting.stderr_so_far()
+        time.sleep(0.1)
+    assert not (out / "checkpoints").exists()  # it waits without writing
+    holder.close()  # the old pod exits; the waiting one proceeds
+    waited = waiting.wait()
     assert waited.returncode == 0, waited.stderr
-    assert "is locked by another run; waiting" in waited.stderr
     assert verify_checkpoint(out / "checkpoints" / "epoch-000001")["epochs_done"] == 1
 
 
