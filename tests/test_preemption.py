@@ -126,12 +126,15 @@ def kill_and_resume(config: Path, ref: Path, point: str, out: Path) -> None:
     killed = run_cli(["train", "--config", str(config), "--out", str(out)], env={FAULT_ENV: point})
     assert killed.returncode == -signal.SIGKILL, f"{point}: not killed (rc {killed.returncode})\n{killed.stderr}"
     assert_no_partial_checkpoint_visible(out)
+    expected = latest_checkpoint(out / "checkpoints")  # the newest complete, resumable checkpoint
     resumed = run_cli(["train", "--config", str(config), "--out", str(out), "--resume"])
     assert resumed.returncode == 0, f"{point}: {resumed.stderr}"
     match = re.search(r"resumed from (\S+) at epoch (\d+)", resumed.stderr)
-    if match:  # the checkpoint it loaded was a complete, resumable one
-        loaded = Path(match.group(1))
-        assert re.fullmatch(r"epoch-\d{6}(-post-reset)?", loaded.name), point
+    if expected is None:
+        assert match is None, point  # killed before the first checkpoint: started over
+    else:
+        assert match and Path(match.group(1)) == expected[0] and int(match.group(2)) == expected[1]["epochs_done"], point
+        assert re.fullmatch(r"epoch-\d{6}(-post-reset)?", expected[0].name), point
     assert "Traceback" not in resumed.stderr
     assert_same_final_state(out, ref)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "stale temp dirs left"
