@@ -9,6 +9,7 @@ the previous local copy of a model untouched). A corrupted file is never handed 
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -180,3 +181,14 @@ def test_locally_corrupted_copy_is_never_loaded_and_is_fetched_again(model, buck
     with pytest.raises(CacheError, match=rf"{rel} is corrupt \(sha256 mismatch\)"):
         materialize(S3Cache(uri), result.key, dest_root=fresh, label="m")
     assert not (fresh / result.key).exists() and not [p for p in fresh.iterdir() if p.name.startswith(".")]
+
+
+def test_directory_cache_write_failure_is_one_line_and_leaves_no_manifest(model, tmp_path):
+    """The PVC flavour: a write that fails (here: a file where a directory must go) names the path."""
+    cache_dir = tmp_path / "pvc"
+    key = cache_key(ModelRef(str(model)))
+    (cache_dir / key).mkdir(parents=True)
+    (cache_dir / key / FILES).write_text("not a directory")
+    with pytest.raises(CacheError, match=rf"writing {re.escape(str(cache_dir / key / FILES))}/\S+ failed .*stays incomplete"):
+        cache_models([ModelRef(str(model))], str(cache_dir))
+    assert not (cache_dir / key / MANIFEST).exists()

@@ -15,6 +15,7 @@ chain that boto3 reads; the S3 endpoint may be overridden with ``RT_S3_ENDPOINT_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -133,10 +134,16 @@ class DirCache:
 
     def put_file(self, key: str, rel: str, local: Path, sha256: str) -> None:
         dest = self.root / key / FILES / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.partial")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        except OSError as err:  # disk full, read-only mount, ...: the entry stays without a manifest
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CacheError(f"writing {dest} failed ({err.strerror or err}); no manifest was written, so model {key} "
+                             "stays incomplete and is never loaded") from None
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
         dest = self.root / key / MANIFEST
