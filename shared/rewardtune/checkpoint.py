@@ -42,13 +42,19 @@ def _fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename: a reader sees the old content or the new, never a torn file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def checkpoint_name(epochs_done: int, kind: str) -> str:

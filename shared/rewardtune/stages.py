@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rewardtune.checkpoint import write_text_atomic
 from rewardtune.config import RunConfig, load_config, parse_config
 from rewardtune.errors import ConfigError, RewardtuneError
 from rewardtune.prompts import check_token_lengths, load_prompts, split_prompts
@@ -79,13 +80,13 @@ def prepare_prompts(
     max_tokens = check_token_lengths(prompts, _tokenizer_location(tokenizer_dir)) if tokenizer_dir else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TRAIN_FILE).write_text("\n".join(train) + "\n")
-    (out_dir / HELDOUT_FILE).write_text("\n".join(heldout) + ("\n" if heldout else ""))
+    write_text_atomic(out_dir / TRAIN_FILE, "\n".join(train) + "\n")
+    write_text_atomic(out_dir / HELDOUT_FILE, "\n".join(heldout) + ("\n" if heldout else ""))
     summary = {
         "source": source, "template": template, "seed": seed, "heldout_fraction": heldout_fraction,
         "num_prompts": len(prompts), "num_train": len(train), "num_heldout": len(heldout), "max_tokens": max_tokens,
     }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -142,7 +143,7 @@ def train_stage(
     sets = [*(overrides or []), f"prompts.source={train_file}", "prompts.template='{}'"]
     cfg = resolve_config(config, sets)
     config_file = run_dir / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
+    write_text_atomic(config_file, cfg.to_yaml())
     if num_gpus > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
                "--num_machines", "1", "--mixed_precision", cfg.training.mixed_precision,

@@ -31,6 +31,7 @@ from rewardtune.checkpoint import (
     prune_checkpoints,
     remove_stale,
     save_checkpoint,
+    write_text_atomic,
 )
 from rewardtune.config import RunConfig
 from rewardtune.critic import Critics
@@ -714,7 +715,7 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate_to(self.epochs_done)
-            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
+            write_text_atomic(self.out_dir / "config.yaml", cfg.to_yaml())
         for epoch in range(self.epochs_done, cfg.training.epochs):
             set_seed(epoch_seed(cfg.training.seed, epoch, self.accelerator.process_index))
             self.epoch_started_at = time.monotonic()
