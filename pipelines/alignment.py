@@ -46,7 +46,16 @@ def _on_gpu(task: dsl.PipelineTask, gpu_count, node_selector) -> None:
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi")
 
 
+RUN_AS = 1000  # the images' `rewardtune` user (images/*.Dockerfile: USER 1000:1000)
+
+
 def _image(task: dsl.PipelineTask, key: str, tag: str) -> dsl.PipelineTask:
+    """The stage's image, run as the images' non-root user (KFP adds drop-ALL and no privilege escalation).
+
+    readOnlyRootFilesystem cannot be expressed through kfp-kubernetes 2.17 (set_security_context has only the
+    identity fields); the standalone Jobs in manifests/jobs/ set it, and a cluster policy can enforce it here.
+    """
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
     return task.set_container_image(f"{image_repo(key)}:{tag}")
 
 

@@ -92,7 +92,12 @@ def test_kubernetes_executor_configs(specs):
     assert secret.secret_name == "rewardtune-s3"
     assert {k.env_var for k in secret.key_to_env} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert executors["exec-evaluate"].tolerations and not executors["exec-prepare-prompts"].tolerations
-    assert "exec-report" not in executors  # CPU step: no GPU node, no secrets
+    report = executors["exec-report"]  # CPU step: no GPU node, no secrets
+    assert not report.tolerations and not report.secret_as_env
+    for name, executor in executors.items():  # every stage runs as the images' non-root user
+        context = executor.security_context
+        assert (context.run_as_user, context.run_as_group, context.run_as_non_root) == (1000, 1000, True), name
+    assert set(executors) >= {"exec-train", "exec-evaluate", "exec-report", "exec-prepare-prompts", "exec-cache-models"}
 
 
 def test_component_images_come_from_images_yaml():
