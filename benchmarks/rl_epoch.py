@@ -6,6 +6,7 @@ model, nothing to download). Medians over the timed epochs; the first epoch is w
     python benchmarks/rl_epoch.py                                  # tiny, CPU
     python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16
     python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16 --compare-trl --fused-steps 1,4
+    python benchmarks/rl_epoch.py --algorithm ddpo,tdpo,tdpo_r,cdpo --critic-input-strides 1,4   # overheads over DDPO
 
 `--compare-trl` times TRL 0.23.1's DDPOTrainer (a benchmark-only extra: `pip install --no-deps trl==0.23.1`,
 never a runtime dependency) in the same process on the same pipeline directory and settings.
@@ -35,7 +36,7 @@ def build_config(args: argparse.Namespace, model_dir: Path) -> dict:
         "sampling": {"num_steps": args.steps, "eta": 1.0, "guidance_scale": 5.0, "batch_size": args.sample_batch,
                      "batches_per_epoch": batches, "resolution": args.resolution or PRESETS[args.preset]["resolution"]},
         "reward": {"name": args.reward},
-        "algorithm": {"name": args.algorithm},
+        "algorithm": algorithm_section(args.algo, args.stride, args.tower),
         "training": {"epochs": args.epochs + 1, "batch_size": args.train_batch,
                      "gradient_accumulation_steps": args.grad_accum, "fused_steps": args.fused,
                      "timestep_fraction": 1.0, "mixed_precision": args.mixed_precision, "learning_rate": 3e-4,
@@ -43,6 +44,40 @@ def build_config(args: argparse.Namespace, model_dir: Path) -> dict:
         "logging": {"progress_bars": False},
         "device": args.device,
     }
+
+
+def algorithm_section(name: str, stride: int, tower: str | None) -> dict:
+    """The algorithm at its defaults; TDPO-R/CDPO reset every epoch so the reset cost lands in every timed epoch,
+    and CDPO constrains JPEG compressibility (a cheap auxiliary reward) to stay at its epoch-0 mean."""
+    if name == "ddpo":
+        return {"name": name}
+    section: dict = {"name": name, "critic": {"input_stride": stride, "image_encoder": tower}}
+    if name in ("tdpo_r", "cdpo"):
+        section["reset"] = {"every": 1}
+    if name == "cdpo":
+        section["constraints"] = [{"reward": {"name": "jpeg_compressibility"}, "relative_margin": 0.0}]
+    return section
+
+
+def save_critic_tower(directory: Path, preset: str) -> str:
+    """A random-weight CLIP for the TDPO critic's image tower: ViT-L/14-shaped for sd15 (the paper's), tiny otherwise."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from rewardtune.rewards.tiny import save_tiny_clip
+    from rewardtune.tiny import build_tokenizer
+
+    if preset != "sd15":
+        save_tiny_clip(directory, seed=0)
+        return str(directory)
+    tokenizer = build_tokenizer()
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                  patch_size=14, hidden_act="quick_gelu")
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=len(tokenizer),
+                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
 def epoch_flops(trainer: Trainer, samples) -> float:
@@ -113,10 +148,18 @@ def time_epochs(trainer: Trainer, epochs: int) -> list[dict]:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         times.training = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if trainer.constraints:
+            trainer.update_multipliers(samples, epoch)
+        if trainer.cfg.algorithm.uses_reset:  # measured and reset every epoch (reset.every = 1 here)
+            trainer.measure_and_reset(epoch, reset=True)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        reset_s = time.perf_counter() - t0
         total = time.perf_counter() - start
         if epoch:  # the first epoch warms up kernels and allocators
             rows.append({"sampling_s": times.sampling, "reward_s": times.reward, "training_s": times.training,
-                         "total_s": total, "images_per_s": len(samples) / total})
+                         "reset_and_dual_s": reset_s, "total_s": total, "images_per_s": len(samples) / total})
     return rows
 
 
@@ -124,7 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--algorithm", default="ddpo", choices=["ddpo", "tdpo", "tdpo_r", "cdpo"])
+    parser.add_argument("--algorithm", default="ddpo",
+                        help="comma-separated among ddpo, tdpo, tdpo_r, cdpo; ratios are against the first row")
     parser.add_argument("--reward", default="brightness")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 8 tiny, 50 sd15)")
     parser.add_argument("--resolution", type=int, default=None)
@@ -133,6 +177,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step (x timesteps)")
     parser.add_argument("--fused-steps", default="1", help="comma-separated training.fused_steps values to time")
+    parser.add_argument("--critic-input-strides", default="1",
+                        help="comma-separated algorithm.critic.input_stride values to time (TDPO family)")
     parser.add_argument("--compare-trl", action="store_true", help="also time TRL's DDPOTrainer in this process")
     parser.add_argument("--trl-mixed-precision", default="fp16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
@@ -148,24 +194,33 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_tiny(Path(tmp) / args.preset, preset=args.preset)
+        algorithms = args.algorithm.split(",")
+        unknown = set(algorithms) - {"ddpo", "tdpo", "tdpo_r", "cdpo"}
+        if unknown:
+            parser.error(f"--algorithm: unknown {sorted(unknown)}; choose among ddpo, tdpo, tdpo_r, cdpo")
+        args.tower = save_critic_tower(Path(tmp) / "critic-tower", args.preset) if algorithms != ["ddpo"] else None
         if args.compare_trl:
             torch.cuda.reset_peak_memory_stats()
             rows = time_trl(args, model_dir, Path(tmp) / "trl")
             results.append(summarize("trl-0.23.1-ddpo", rows, None, args))
             torch.cuda.empty_cache()
-        for fused in [int(f) for f in str(args.fused_steps).split(",")]:
-            args.fused = fused
+        strides = [int(k) for k in str(args.critic_input_strides).split(",")]
+        variants = [(a, int(f), k) for a in algorithms for f in str(args.fused_steps).split(",")
+                    for k in (strides if a != "ddpo" else [1])]
+        for algo, fused, stride in variants:
+            args.algo, args.fused, args.stride = algo, fused, stride
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            trainer = Trainer(parse_config(build_config(args, model_dir)), Path(tmp) / f"run-{fused}")
+            trainer = Trainer(parse_config(build_config(args, model_dir)), Path(tmp) / f"run-{algo}-{fused}-{stride}")
             rows = time_epochs(trainer, args.epochs)
             flops = epoch_flops(trainer, trainer.sample_epoch(0, EpochTimes())) if on_gpu else None
-            results.append(summarize(f"rewardtune-{args.algorithm}-fused{fused}", rows, flops, args))
+            name = f"rewardtune-{algo}-fused{fused}" + (f"-stride{stride}" if algo != "ddpo" else "")
+            results.append(summarize(name, rows, flops, args))
             del trainer
             if on_gpu:
                 torch.cuda.empty_cache()
     base = results[0]["median_images_per_s"]
-    header = ["name", "median_sampling_s", "median_reward_s", "median_training_s", "median_total_s",
+    header = ["name", "median_sampling_s", "median_reward_s", "median_training_s", "median_reset_and_dual_s", "median_total_s",
               "median_images_per_s", "ratio", "tflops", "peak_memory_gb"]
     print(" | ".join(header))
     for row in results:

@@ -26,6 +26,7 @@ S3_SECRET_KEYS = {
     "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
 }
 GPU_TAINT = "nvidia.com/gpu"
+GPU_RESOURCE = "nvidia.com/gpu"
 TRAIN_RETRIES = 3
 
 
@@ -34,16 +35,27 @@ def _use_s3(task: dsl.PipelineTask) -> None:
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
 
 
-def _on_gpu(task: dsl.PipelineTask, gpu_type, gpu_count, node_selector) -> None:
-    """GPUs of one type on nodes that carry them; the GPU taint keeps CPU work off those nodes, so tolerate it."""
-    task.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
+def _on_gpu(task: dsl.PipelineTask, gpu_count, node_selector) -> None:
+    """GPUs on nodes that carry them (the GPU model is picked by the node selector); the GPU taint keeps CPU work
+    off those nodes, so tolerate it. The resource name is a literal: kfp.local cannot resolve a pipeline
+    parameter in a task's accelerator type inside an ExitHandler or ParallelFor sub-DAG."""
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpu_count)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration(task, key=GPU_TAINT, operator="Exists", effect="NoSchedule")
     # NCCL and DataLoader workers share tensors through /dev/shm, which is 64 MiB by default in a pod.
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi")
 
 
+RUN_AS = 1000  # the images' `rewardtune` user (images/*.Dockerfile: USER 1000:1000)
+
+
 def _image(task: dsl.PipelineTask, key: str, tag: str) -> dsl.PipelineTask:
+    """The stage's image, run as the images' non-root user (KFP adds drop-ALL and no privilege escalation).
+
+    readOnlyRootFilesystem cannot be expressed through kfp-kubernetes 2.17 (set_security_context has only the
+    identity fields); the standalone Jobs in manifests/jobs/ set it, and a cluster policy can enforce it here.
+    """
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
     return task.set_container_image(f"{image_repo(key)}:{tag}")
 
 
@@ -54,7 +66,6 @@ def alignment_pipeline(
     base_model: str = "",
     reward: str = "",
     epochs: int = 0,
-    gpu_type: str = "nvidia.com/gpu",
     gpu_count: int = 1,
     gpu_node_selector: dict = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},  # noqa: B006 - KFP parameter default
     image_tag: str = DEFAULT_TAG,
@@ -86,7 +97,7 @@ def alignment_pipeline(
         # A retried pod finds its checkpoints on the PVC and resumes; a cached result would skip training entirely.
         trained.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
         trained.set_memory_request("32G").set_cpu_request("8")
-        _on_gpu(trained, gpu_type, gpu_count, gpu_node_selector)
+        _on_gpu(trained, gpu_count, gpu_node_selector)
         kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
         kubernetes.mount_pvc(trained, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
         _use_s3(trained)
@@ -95,7 +106,7 @@ def alignment_pipeline(
             ev = evaluate(config=config, checkpoints=trained.outputs["checkpoints"], prompts=prep.outputs["prompts"],
                           checkpoint=checkpoint)
             _image(ev, "trainer", image_tag).set_retry(num_retries=2, backoff_duration="60s")
-            _on_gpu(ev, gpu_type, 1, gpu_node_selector)
+            _on_gpu(ev, 1, gpu_node_selector)
             kubernetes.mount_pvc(ev, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
             _use_s3(ev)
 

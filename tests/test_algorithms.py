@@ -36,7 +36,7 @@ def _config(tmp_path: Path, model_dir: Path, aesthetic: str, algorithm: dict, **
 
 
 ALGORITHMS = {
-    "tdpo": {"name": "tdpo", "critic": {"kl_coef": 0.01, "gamma": 0.99}},
+    "tdpo": {"name": "tdpo", "critic": {"kl_coef": 0.01, "gamma": 0.99, "input_stride": 2}},
     "tdpo_r": {"name": "tdpo_r", "reset": {"every": 2}},
     "cdpo": {"name": "cdpo", "reset": {"every": 2},
              "constraints": [{"reward": {"name": "jpeg_compressibility"}, "relative_margin": 0.0}],

@@ -46,7 +46,7 @@ def test_compile_reproduces_committed_yaml(tmp_path):
 def test_parameters_and_stages(specs):
     pipeline, _ = specs
     params = set(pipeline.root.input_definitions.parameters)
-    assert {"config", "algorithm", "base_model", "reward", "epochs", "gpu_type", "gpu_count", "image_tag",
+    assert {"config", "algorithm", "base_model", "reward", "epochs", "gpu_count", "gpu_node_selector", "image_tag",
             "checkpoint_pvc", "model_cache_pvc", "model_cache_uri"} <= params
     execs = set(pipeline.deployment_spec.fields["executors"].struct_value.fields)
     assert {f"exec-{s}" for s in ("prepare-prompts", "cache-models", "train", "evaluate", "report", "record-status")} <= execs
@@ -56,7 +56,7 @@ def test_train_gpu_resources_retry_and_no_cache(specs):
     pipeline, _ = specs
     train = pipeline.deployment_spec.fields["executors"].struct_value.fields["exec-train"].struct_value
     container = json_format.MessageToDict(train)["container"]
-    assert container["resources"]["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_type']}}"
+    assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert container["resources"]["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpu_count']}}"
     assert "rewardtune-trainer:{{$.inputs.parameters['pipelinechannel--image_tag']}}" in container["image"]
     task = _dag_task(pipeline, "train")
@@ -92,7 +92,12 @@ def test_kubernetes_executor_configs(specs):
     assert secret.secret_name == "rewardtune-s3"
     assert {k.env_var for k in secret.key_to_env} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert executors["exec-evaluate"].tolerations and not executors["exec-prepare-prompts"].tolerations
-    assert "exec-report" not in executors  # CPU step: no GPU node, no secrets
+    report = executors["exec-report"]  # CPU step: no GPU node, no secrets
+    assert not report.tolerations and not report.secret_as_env
+    for name, executor in executors.items():  # every stage runs as the images' non-root user
+        context = executor.security_context
+        assert (context.run_as_user, context.run_as_group, context.run_as_non_root) == (1000, 1000, True), name
+    assert set(executors) >= {"exec-train", "exec-evaluate", "exec-report", "exec-prepare-prompts", "exec-cache-models"}
 
 
 def test_component_images_come_from_images_yaml():

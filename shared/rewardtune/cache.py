@@ -15,6 +15,7 @@ chain that boto3 reads; the S3 endpoint may be overridden with ``RT_S3_ENDPOINT_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,11 @@ FORMAT = 1
 CACHE_ENV = "RT_MODEL_CACHE"  # cache URI that hub ids / URLs are looked up in at load time
 WORKDIR_ENV = "RT_MODEL_DIR"  # local working dir that cached models are materialized into
 ENDPOINT_ENVS = ("RT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+# Retry/timeout knobs, all handed to botocore's Config (standard retry mode: exponential backoff with jitter
+# on 500/502/503/504, throttling, timeouts and dropped connections); no retry loop of our own.
+S3_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # botocore's own variable name; total attempts, first one included
+S3_CONNECT_TIMEOUT_ENV = "RT_S3_CONNECT_TIMEOUT_S"
+S3_READ_TIMEOUT_ENV = "RT_S3_READ_TIMEOUT_S"
 # Weight formats a PyTorch run never reads; skipping them keeps hub snapshots to one copy of the weights.
 DEFAULT_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel", "*.ckpt", "flax_model*",
                   "tf_model*", "rust_model*", "*.md", ".gitattributes"]
@@ -128,10 +134,16 @@ class DirCache:
 
     def put_file(self, key: str, rel: str, local: Path, sha256: str) -> None:
         dest = self.root / key / FILES / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.partial")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        except OSError as err:  # disk full, read-only mount, ...: the entry stays without a manifest
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CacheError(f"writing {dest} failed ({err.strerror or err}); no manifest was written, so model {key} "
+                             "stays incomplete and is never loaded") from None
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
         dest = self.root / key / MANIFEST
@@ -146,25 +158,63 @@ class DirCache:
         shutil.copyfile(src, dest)
 
 
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CacheError(f"{name}={raw!r} is not a number; unset it or give e.g. {default:g}") from None
+    if value <= 0:
+        raise CacheError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def s3_client_config(max_attempts: int | None = None) -> Any:
+    """botocore Config: standard retry mode (backoff + jitter) and bounded connect/read timeouts."""
+    from botocore.config import Config
+
+    attempts = max_attempts or int(_env_number(S3_ATTEMPTS_ENV, 5))
+    return Config(
+        # total_max_attempts counts the first try (botocore's own `max_attempts` key counts retries only)
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        connect_timeout=_env_number(S3_CONNECT_TIMEOUT_ENV, 10),
+        read_timeout=_env_number(S3_READ_TIMEOUT_ENV, 60),
+    )
+
+
+def _s3_reason(err: Exception) -> str:
+    """A short, credential-free reason for a failed S3 call (status/code, or the exception type)."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return " ".join(str(x) for x in (status, error.get("Code")) if x) or type(err).__name__
+    return type(err).__name__
+
+
 class S3Cache:
     """A cache in an S3-protocol bucket via boto3, with botocore's standard retry mode."""
 
-    def __init__(self, uri: str, max_attempts: int = 5) -> None:
+    def __init__(self, uri: str, max_attempts: int | None = None) -> None:
         import boto3
-        from botocore.config import Config
 
         parsed = urllib.parse.urlparse(uri)
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         if not self.bucket:
             raise CacheError(f"cache URI {uri} has no bucket; use s3://bucket/prefix")
         endpoint = next((os.environ[e] for e in ENDPOINT_ENVS if os.environ.get(e)), None)
+        self.config = s3_client_config(max_attempts)
         # A fresh session (not boto3's process-wide default) so credentials are read from the environment now.
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint,
-            config=Config(retries={"mode": "standard", "max_attempts": max_attempts}, connect_timeout=10, read_timeout=60),
-        )
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=self.config)
         self._check_bucket()
+
+    def _failed(self, action: str, key: str, err: Exception, state: str) -> CacheError:
+        """One line naming the object, the attempts and what state was left behind."""
+        attempts = self.config.retries["total_max_attempts"]
+        return CacheError(f"{action} s3://{self.bucket}/{key} failed after {attempts} attempt(s) ({_s3_reason(err)}); "
+                          f"{state}; check the endpoint and re-run")
 
     def uri(self, key: str = "") -> str:
         return "s3://" + "/".join(p for p in (self.bucket, self.prefix, key) if p)
@@ -191,15 +241,22 @@ class S3Cache:
             raise CacheError(f"cache {self.uri()} unreachable: {code or err}") from None
 
     def read_manifest(self, key: str) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
+        name = self._key(key, MANIFEST)
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key, MANIFEST))["Body"].read()
+            body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
         except ClientError as err:
             if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise
-        return json.loads(body)
+            raise self._failed("reading", name, err, "nothing was changed") from None
+        except BotoCoreError as err:
+            raise self._failed("reading", name, err, "nothing was changed") from None
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            raise CacheError(f"manifest s3://{self.bucket}/{name} is not valid JSON; re-run `rewardtune cache-models "
+                             "--force` for this model") from None
 
     def file_sha256(self, key: str, rel: str) -> str | None:
         from botocore.exceptions import ClientError
@@ -211,19 +268,40 @@ class S3Cache:
         return head.get("Metadata", {}).get("sha256")
 
     def put_file(self, key: str, rel: str, local: Path, sha256: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self._key(key, FILES, rel), ExtraArgs={"Metadata": {"sha256": sha256}})
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        name = self._key(key, FILES, rel)
+        try:
+            self.client.upload_file(str(local), self.bucket, name, ExtraArgs={"Metadata": {"sha256": sha256}})
+        except (S3UploadFailedError, ClientError, BotoCoreError) as err:
+            cause = err.__context__ if isinstance(err, S3UploadFailedError) and err.__context__ else err
+            raise self._failed("uploading", name, cause, f"no manifest was written, so model {key} stays "
+                               "incomplete and is never loaded") from None
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key, MANIFEST), Body=body, ContentType="application/json")
+        name = self._key(key, MANIFEST)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType="application/json")
+        except (ClientError, BotoCoreError) as err:
+            raise self._failed("uploading", name, err, f"model {key} stays incomplete (its files are uploaded; "
+                               "a re-run only writes the manifest)") from None
 
     def get_file(self, key: str, rel: str, dest: Path) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
+        name = self._key(key, FILES, rel)
         try:
-            self.client.download_file(self.bucket, self._key(key, FILES, rel), str(dest))
-        except ClientError:
-            raise CacheError(f"model {key}: file {rel} listed in its manifest is missing from cache {self.uri(key)}") from None
+            self.client.download_file(self.bucket, name, str(dest))
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                raise CacheError(f"model {key}: file {rel} listed in its manifest is missing from cache {self.uri(key)}") from None
+            raise self._failed("downloading", name, err, "the local model directory was left as it was") from None
+        except BotoCoreError as err:
+            raise self._failed("downloading", name, err, "the local model directory was left as it was") from None
 
 
 Cache = DirCache | S3Cache
@@ -396,7 +474,11 @@ def materialize(cache: Cache, key: str, dest_root: Path | None = None, label: st
     dest = (dest_root or workdir()) / key
     local_manifest = dest / MANIFEST
     if local_manifest.is_file() and json.loads(local_manifest.read_text()) == manifest:
-        return dest / FILES  # verified when it was materialized
+        try:  # re-verified on every load: a local file corrupted since (disk, another job) is never used
+            _verify_dir(dest / FILES, manifest, str(dest), label)
+            return dest / FILES
+        except CacheError as err:
+            log.warning("%s; downloading it again", err)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest.parent))
     try:

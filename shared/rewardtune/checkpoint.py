@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardtune.errors import CheckpointError
+from rewardtune.faults import fault_point
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -38,20 +39,22 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(root)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename: a reader sees the old content or the new, never a torn file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def checkpoint_name(epochs_done: int, kind: str) -> str:
@@ -69,6 +72,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    fault_point("checkpoint_files")
     files = {
         str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(tmp.rglob("*"))
@@ -76,14 +80,44 @@ def save_checkpoint(
     }
     write_json_atomic(tmp / MANIFEST, {"epochs_done": epochs_done, "kind": kind, "meta": meta, "files": files})
     _fsync_tree(tmp)
+    fault_point("checkpoint_rename")
     if final.exists():
         trash = root / f".trash-{final.name}-{os.getpid()}"
         final.rename(trash)
+        fault_point("checkpoint_swap")
         tmp.rename(final)
         shutil.rmtree(trash)
     else:
         tmp.rename(final)
+    _fsync_dir(root)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: without this a power cut may forget the checkpoint's new name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Delete temporary and trash directories a killed writer left behind; they are never loadable."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".trash-"))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename out of the `epoch-*` namespace first, so a kill mid-delete never leaves a half checkpoint."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    path.rename(trash)
+    fault_point("checkpoint_delete")
+    shutil.rmtree(trash)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -132,4 +166,4 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` regular checkpoints; reset checkpoints are kept."""
     regular = [p for p in list_checkpoints(root) if not p.name.endswith("-reset")]
     for path in regular[:-keep_last]:
-        shutil.rmtree(path)
+        remove_checkpoint(path)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from rewardtune.errors import RewardtuneError
+from rewardtune.errors import RewardtuneError, Terminated
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> None:
@@ -231,14 +231,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(progress_bars: bool) -> None:
+    """Keep stderr readable: a failing command must end in one error line, not under progress bars.
+
+    Model-loading progress bars go when stderr is not a terminal (pod logs, captured output); library
+    warnings stay (a reward model loaded with missing weights must be heard). Environment variables cover
+    libraries imported later; the calls cover those already imported.
+    """
+    if progress_bars:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+    # diffusers reads no environment variable for its bars; models.load_pipeline follows the hub's setting
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "botocore", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        _quiet_libraries(progress_bars=sys.stderr.isatty())
     try:
         args.func(args)
+    except Terminated as err:
+        print(f"terminated: {err}", file=sys.stderr)
+        return err.exit_code
     except RewardtuneError as err:
         if args.verbose:
             raise

@@ -7,13 +7,31 @@ The CLI, the KFP components and the tests all build a `RunConfig` through `load_
 from __future__ import annotations
 
 import difflib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from rewardtune.errors import ConfigError
+
+SECRET_ERROR = "credentials_in_config"
+
+
+def _no_credentials(source: str | None) -> str | None:
+    """Configs are copied into checkpoints, metrics and reports: a password in a URL would travel with them."""
+    if source and "://" in source:
+        parsed = urllib.parse.urlsplit(source)
+        if parsed.username or parsed.password:
+            raise PydanticCustomError(  # its own type: the error message must not echo the value back
+                SECRET_ERROR,
+                "{where}: credentials do not belong in a config (it is copied into checkpoints and reports); pass "
+                "them as environment variables (AWS_*, HF_TOKEN) from a Secret",
+                {"where": f"{parsed.scheme}://...@{parsed.hostname}"},
+            )
+    return source
 
 
 class _Strict(BaseModel):
@@ -29,6 +47,7 @@ class ModelConfig(_Strict):
         "float32", description="Dtype of the frozen weights (VAE, text encoder, base UNet)."
     )
     finetune: Literal["lora", "full"] = "lora"
+    _source_has_no_credentials = field_validator("source")(_no_credentials)
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float | None = Field(None, gt=0, description="Defaults to lora_rank (scale 1).")
     lora_target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
@@ -56,11 +75,12 @@ class PromptsConfig(_Strict):
     )
     split_seed: int = Field(0, description="Seed of the train/held-out split (independent of training.seed).")
 
-    @model_validator(mode="after")
-    def _template_has_slot(self) -> PromptsConfig:
-        if "{}" not in self.template:
-            raise ValueError("template must contain '{}' where the prompt goes")
-        return self
+    @field_validator("template")
+    @classmethod
+    def _template_has_slot(cls, template: str) -> str:
+        if "{}" not in template:  # a field validator, so the error names prompts.template
+            raise ValueError("template must contain '{}' where the prompt goes, e.g. 'a photo of a {}'")
+        return template
 
 
 class SamplingConfig(_Strict):
@@ -77,6 +97,15 @@ class RewardSpec(_Strict):
     name: str
     source: str | None = Field(None, description="Model source (hub id, directory, cache URI) for learned rewards.")
     options: dict[str, Any] = Field(default_factory=dict)
+    _source_has_no_credentials = field_validator("source")(_no_credentials)
+
+    @field_validator("options")
+    @classmethod
+    def _options_have_no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        for value in options.values():
+            if isinstance(value, str):
+                _no_credentials(value)
+        return options
 
     @model_validator(mode="after")
     def _known_name(self) -> RewardSpec:
@@ -109,6 +138,14 @@ class CriticConfig(_Strict):
 
     input: Literal["decoded_latent"] = Field(
         "decoded_latent", description="What the critic sees: the VAE-decoded x_t, embedded by a frozen image tower."
+    )
+    input_stride: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Decode and embed x_t every `input_stride` steps (the first and last always) and interpolate the "
+            "embeddings in between; 1 is paper-exact, larger is a measured cheaper deviation."
+        ),
     )
     image_encoder: str | None = Field(
         None, description="Source of the frozen image tower (CLIP vision model); None uses the training reward's."
@@ -228,6 +265,15 @@ class TrainingConfig(_Strict):
 class CheckpointConfig(_Strict):
     every_epochs: int = Field(1, ge=1)
     keep_last: int = Field(3, ge=1, description="Newest checkpoints kept; reset checkpoints are always kept.")
+    termination_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM, finish the epoch and checkpoint only if that fits in this many seconds "
+        "(keep it below the pod's terminationGracePeriodSeconds, 30 by default); otherwise stop at once.",
+    )
+    lock_wait_s: float = Field(
+        120.0, ge=0, description="How long train waits for another process (an old pod in its grace) to release --out."
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -321,7 +367,7 @@ def format_validation_error(err: ValidationError) -> str:
     else:
         text = first["msg"].removeprefix("Value error, ")
         got = first.get("input")
-        shown = "" if first["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if first["type"] in ("missing", SECRET_ERROR) or isinstance(got, dict) else f" (got {got!r})"
         msg = f"config error at {path}: {text}{shown}"
     more = len(err.errors()) - 1
     return msg + (f" [+{more} more]" if more else "")

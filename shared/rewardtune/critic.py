@@ -26,6 +26,35 @@ def init_linear_(layer: nn.Linear, generator: torch.Generator | None = None, row
             layer.bias[idx.to(layer.bias.device)] = 0.0
 
 
+def embedded_steps(num_steps: int, stride: int) -> list[int]:
+    """Steps whose x_t is decoded and embedded: every `stride`-th, and always the last (the closest to the image)."""
+    steps = list(range(0, num_steps, stride))
+    if steps[-1] != num_steps - 1:
+        steps.append(num_steps - 1)
+    return steps
+
+
+def interpolate_step_embeddings(steps: list[int], embeddings: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Fill [B, K, D] embeddings known at `steps` (sorted, first 0, last num_steps-1) to [B, num_steps, D].
+
+    Linear in the step index between known neighbours, then re-normalized: the tower's embeddings are unit
+    vectors and the critic was built for those, so an interpolated state should be one too.
+    """
+    if steps[0] != 0 or steps[-1] != num_steps - 1 or len(steps) != embeddings.shape[1]:
+        raise ValueError(f"steps {steps} must start at 0, end at {num_steps - 1} and match {embeddings.shape[1]} embeddings")
+    if len(steps) == num_steps:
+        return embeddings
+    known = torch.tensor(steps, dtype=torch.float32)
+    grid = torch.arange(num_steps, dtype=torch.float32)
+    right = torch.searchsorted(known, grid, right=False).clamp(1, len(steps) - 1)
+    left = right - 1
+    weight = ((grid - known[left]) / (known[right] - known[left])).to(embeddings)
+    left, right = left.to(embeddings.device), right.to(embeddings.device)
+    weight = weight.to(embeddings.device)[None, :, None]
+    mixed = embeddings[:, left] * (1 - weight) + embeddings[:, right] * weight
+    return torch.nn.functional.normalize(mixed, dim=-1)
+
+
 class ValueCritic(nn.Module):
     """Linear d->1024, Dropout, ->128, Dropout, ->64, Dropout, ->16, ->1 (sizes configurable)."""
 

@@ -15,3 +15,9 @@ class CheckpointError(RewardtuneError):
 
 class RewardError(RewardtuneError):
     """A reward function returned unusable values (NaN/inf) or could not be built."""
+
+
+class Terminated(RewardtuneError):
+    """The run stopped on SIGTERM (pod eviction, preemption); `--resume` continues it bit-identically."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell and Kubernetes report for a terminated process

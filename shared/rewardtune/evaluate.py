@@ -6,7 +6,9 @@ from its own CPU generator seeded by (evaluation.seed, p, j) alone, so it is the
 checkpoint, in every batch composition and on every device. Differences between checkpoints'
 images are then the policy's doing, not the sampler's.
 
-Layout of `out_dir` (metrics.json is written last, atomically: its presence means "done"):
+Layout of `out_dir`. A checkpoint's results are written into a hidden temporary directory (metrics.json
+last) and renamed into place: a `<checkpoint>/` directory is complete by construction, a re-run skips it,
+and a killed evaluation leaves only a hidden `.tmp-*` directory that the next run deletes.
 
     eval_settings.json            what was evaluated; a later call with other settings is refused
     <checkpoint>/metrics.json     see `checkpoint_metrics` for the fields
@@ -24,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from PIL import Image
 from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
 from rewardtune.config import RewardSpec, RunConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -407,10 +411,12 @@ def image_filename(item: EvalItem) -> str:
     return f"{item.split}-{item.index:03d}-{item.image:02d}.png"
 
 
-def _write_outputs(ev: Evaluator, name: str, out: Path, images: torch.Tensor, scores: dict[str, torch.Tensor],
+def _write_outputs(ev: Evaluator, name: str, final: Path, images: torch.Tensor, scores: dict[str, torch.Tensor],
                    embeddings: torch.Tensor, metrics: dict[str, Any]) -> Path:
-    """Images, samples, embeddings, grid, then metrics.json last (atomically) as the completion marker."""
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    """Images, samples, embeddings, grid, metrics.json into a temporary directory, then one rename into place."""
+    out = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
     pil = [_to_pil(image) for image in images]
     for item, image in zip(ev.items, pil, strict=True):
         image.save(out / "images" / image_filename(item))
@@ -420,8 +426,23 @@ def _write_outputs(ev: Evaluator, name: str, out: Path, images: torch.Tensor, sc
     np.save(out / "embeddings.npy", embeddings.numpy())
     shown = [k for k, it in enumerate(ev.items) if it.split == "heldout" and it.index < ev.cfg.evaluation.grid_prompts]
     image_grid([pil[k] for k in shown], ev.cfg.evaluation.images_per_prompt).save(out / "grid.png")
+    fault_point("eval_write")
     write_json_atomic(out / "metrics.json", metrics)
-    return out / "metrics.json"
+    if final.exists():  # an incomplete directory from an older layout: never trusted, replaced whole
+        shutil.rmtree(final)
+    os.replace(out, final)
+    return final / "metrics.json"
+
+
+def remove_stale_results(out_dir: Path) -> None:
+    """Delete what a killed evaluation left: its temporary directories, and result dirs without metrics.json."""
+    if not out_dir.is_dir():
+        return
+    for path in out_dir.iterdir():
+        result_dir = path.name == BASE or path.name.startswith("epoch-")
+        if path.is_dir() and (path.name.startswith(".tmp-") or (result_dir and not (path / "metrics.json").is_file())):
+            log.warning("removing incomplete evaluation output %s", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
@@ -452,7 +473,9 @@ def evaluate_run(
     measured against its embeddings.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    prompts_dir = Path(prompts_dir) if prompts_dir is not None else None
     names = checkpoint_names(run_dir, checkpoint)
+    remove_stale_results(out_dir)
     todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
     paths = [out_dir / n / "metrics.json" for n in names]
     for name in names:
@@ -485,10 +508,11 @@ def evaluate_run(
             "hardware": hardware_info(ev.device),
         }
         _write_outputs(ev, name, out_dir / name, images, scores, embeddings, metrics)
+        fault_point("eval_checkpoint")
     return paths
 
 
 def read_evaluations(eval_dir: Path) -> list[dict[str, Any]]:
     """Every metrics.json under `eval_dir`, base first, then by samples seen, epoch and name."""
-    records = [json.loads(p.read_text()) for p in Path(eval_dir).glob("*/metrics.json")]
+    records = [json.loads(p.read_text()) for p in Path(eval_dir).glob("*/metrics.json") if not p.parent.name.startswith(".")]
     return sorted(records, key=lambda r: (r["checkpoint"] != BASE, r.get("samples") or 0, r["epoch"], r["checkpoint"]))

@@ -62,6 +62,11 @@ def check_pipeline_dir(path: Path) -> None:
 def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
     """Load the pipeline; offline (HF_HUB_OFFLINE=1) it only reads local files, as in the cluster."""
     location = resolve_model_dir(cfg.source, cfg.revision)
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():  # diffusers has no switch of its own; follow the hub's (set by the CLI)
+        diffusers_logging.disable_progress_bar()
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(

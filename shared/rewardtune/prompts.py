@@ -119,7 +119,7 @@ def check_token_lengths(prompts: list[str], tokenizer_dir: str) -> int:
     except (OSError, ValueError) as err:
         raise RewardtuneError(f"could not load a CLIP tokenizer from {tokenizer_dir}: {str(err).splitlines()[0]}") from None
     limit = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False).input_ids]  # our message, not its warning
     too_long = [p for p, n in zip(prompts, lengths, strict=True) if n > limit]
     if too_long:
         raise RewardtuneError(

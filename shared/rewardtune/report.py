@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rewardtune.checkpoint import write_text_atomic
 from rewardtune.evaluate import BASE, read_evaluations
 from rewardtune.indicators import DEFINITIONS, summarize
 from rewardtune.metrics import MetricsLog
@@ -332,9 +333,9 @@ def build_report(
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    out_html.write_text(page)
+    write_text_atomic(out_html, page)
     Path(out_md).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_md).write_text(markdown_summary(runs, indicators, heads, out_html.name))
+    write_text_atomic(Path(out_md), markdown_summary(runs, indicators, heads, out_html.name))
     return flat
 
 

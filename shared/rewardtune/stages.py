@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rewardtune.checkpoint import write_text_atomic
 from rewardtune.config import RunConfig, load_config, parse_config
 from rewardtune.errors import ConfigError, RewardtuneError
 from rewardtune.prompts import check_token_lengths, load_prompts, split_prompts
@@ -77,13 +80,13 @@ def prepare_prompts(
     max_tokens = check_token_lengths(prompts, _tokenizer_location(tokenizer_dir)) if tokenizer_dir else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TRAIN_FILE).write_text("\n".join(train) + "\n")
-    (out_dir / HELDOUT_FILE).write_text("\n".join(heldout) + ("\n" if heldout else ""))
+    write_text_atomic(out_dir / TRAIN_FILE, "\n".join(train) + "\n")
+    write_text_atomic(out_dir / HELDOUT_FILE, "\n".join(heldout) + ("\n" if heldout else ""))
     summary = {
         "source": source, "template": template, "seed": seed, "heldout_fraction": heldout_fraction,
         "num_prompts": len(prompts), "num_train": len(train), "num_heldout": len(heldout), "max_tokens": max_tokens,
     }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -94,6 +97,33 @@ def prepare_prompts_from_config(cfg: RunConfig, out_dir: Path) -> dict[str, Any]
         cfg.prompts.source, out_dir, heldout_fraction=cfg.prompts.heldout_fraction, seed=cfg.prompts.split_seed,
         template=cfg.prompts.template, tokenizer_dir=str(model_dir) if model_dir.is_dir() else None,
     )
+
+
+def run_forwarding_sigterm(cmd: list[str]) -> int:
+    """Run `cmd` and pass a SIGTERM sent to this process on to it.
+
+    Kubernetes signals only the container's main process; without forwarding, the training processes would
+    never hear of the eviction, miss their chance to checkpoint, and die by SIGKILL when the grace ends.
+    """
+    children: list[subprocess.Popen] = []
+    pending: list[int] = []
+
+    def relay(signum: int, frame: object) -> None:
+        if children:
+            children[0].send_signal(signal.SIGTERM)
+        else:  # arrived before the child existed: deliver it once it does
+            pending.append(signum)
+
+    forward = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, relay) if forward else None
+    try:
+        children.append(subprocess.Popen(cmd))
+        if pending:
+            children[0].send_signal(signal.SIGTERM)
+        return children[0].wait()
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train_stage(
@@ -113,7 +143,7 @@ def train_stage(
     sets = [*(overrides or []), f"prompts.source={train_file}", "prompts.template='{}'"]
     cfg = resolve_config(config, sets)
     config_file = run_dir / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
+    write_text_atomic(config_file, cfg.to_yaml())
     if num_gpus > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
                "--num_machines", "1", "--mixed_precision", cfg.training.mixed_precision,
@@ -121,9 +151,9 @@ def train_stage(
         if resume:
             cmd.append("--resume")
         log.info("launching %d processes: %s", num_gpus, " ".join(cmd))
-        proc = subprocess.run(cmd, check=False)
-        if proc.returncode != 0:
-            raise RewardtuneError(f"accelerate launch with {num_gpus} processes failed with exit code {proc.returncode}")
+        returncode = run_forwarding_sigterm(cmd)
+        if returncode != 0:
+            raise RewardtuneError(f"accelerate launch with {num_gpus} processes failed with exit code {returncode}")
         return run_dir
     from rewardtune.trainer import Trainer
 
@@ -189,3 +219,21 @@ def record_run_status(state: str, job: str, error_message: str = "") -> str:
     line = f"rewardtune run {job or '<local>'}: {state}" + (f" ({error_message})" if error_message else "")
     print(line, file=sys.stdout if state == "SUCCEEDED" else sys.stderr)
     return line
+
+
+def merge_evaluations(eval_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Gather per-checkpoint evaluation results (one `<checkpoint>/` folder each) into one directory.
+
+    The fanned-out evaluate steps each also hold the base model's results, which are identical (same
+    seeds, same weights): the first copy is kept.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for directory in eval_dirs:
+        for result in sorted(Path(directory).glob("*/metrics.json")):
+            target = out / result.parent.name
+            if not target.exists():
+                shutil.copytree(result.parent, target)
+    return out

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +24,17 @@ from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
-from rewardtune.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
+from rewardtune.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    remove_stale,
+    save_checkpoint,
+    write_text_atomic,
+)
 from rewardtune.config import RunConfig
-from rewardtune.critic import Critics
+from rewardtune.critic import Critics, embedded_steps, interpolate_step_embeddings
 from rewardtune.diffusion import (
     ddim_step_with_logprob,
     decode_latents,
@@ -30,7 +42,8 @@ from rewardtune.diffusion import (
     guided_noise_pred,
     sample_trajectories,
 )
-from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.errors import CheckpointError, RewardtuneError, Terminated
+from rewardtune.faults import fault_point
 from rewardtune.lagrangian import DualState, combine_advantages
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.metrics import MetricsLog
@@ -170,12 +183,16 @@ class Trainer:
         self.epochs_done = 0
         self.samples_seen = 0
         self.global_step = 0
+        self.term_requested_at: float | None = None  # monotonic time of SIGTERM
+        self.epoch_started_at = 0.0
+        self.last_epoch_s: float | None = None  # wall time of the last full epoch, checkpoint included
 
     # ------------------------------------------------------------------ setup helpers
     def _check_prompt_lengths(self) -> None:
         tokenizer = self.pipe.tokenizer
         limit = tokenizer.model_max_length
-        too_long = [p for p in self.prompts if len(tokenizer(p).input_ids) > limit]
+        # verbose=False: this check replaces the tokenizer's own warning about the same thing
+        too_long = [p for p in self.prompts if len(tokenizer(p, verbose=False).input_ids) > limit]
         if too_long:
             raise RewardtuneError(
                 f"{len(too_long)} prompt(s) exceed the tokenizer's {limit} tokens (first: {too_long[0][:60]!r}); "
@@ -208,7 +225,8 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def _progress(self) -> bool:
-        return self.cfg.logging.progress_bars and self.is_main
+        # progress bars only on a terminal: in a pod's log (or a failed run's stderr) they are noise
+        return self.cfg.logging.progress_bars and self.is_main and sys.stderr.isatty()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -225,7 +243,11 @@ class Trainer:
             embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
             negative = self.negative_embed.expand(len(prompts), -1, -1)
             critic_inputs: list[torch.Tensor] = []
-            store = critic_inputs.append
+            embed_at = set(embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride))
+
+            def store(k: int, x_t: torch.Tensor, embed_at=embed_at, critic_inputs=critic_inputs) -> None:
+                if k in embed_at:
+                    critic_inputs.append(self.critic_input(x_t))
             traj = sample_trajectories(
                 self.unet,
                 self.pipe.vae,
@@ -238,12 +260,14 @@ class Trainer:
                 resolution=cfg.resolution,
                 generator=generator,
                 autocast_dtype=self.autocast_dtype,
-                before_step=(lambda _k, x_t, store=store: store(self.critic_input(x_t))) if self.critics else None,
+                before_step=store if self.critics else None,
                 progress=self._progress(),
             )
             extras = {}
             if self.critics is not None:
-                extras["critic_inputs"] = torch.stack(critic_inputs, dim=1)
+                extras["critic_inputs"] = interpolate_step_embeddings(
+                    sorted(embed_at), torch.stack(critic_inputs, dim=1), cfg.num_steps
+                )
                 extras["old_values"] = self.critics.eval()(extras["critic_inputs"])
                 if self.cfg.algorithm.critic.kl_coef > 0:
                     extras["ref_log_probs"] = self.reference_log_probs(traj)
@@ -255,6 +279,8 @@ class Trainer:
             times.reward += time.perf_counter() - start
             rewards = torch.stack([score.to(self.device) for score in scores], dim=1)
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
+            fault_point("sample")
+            self.safe_point(epoch)
         def cat(get) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
 
@@ -438,11 +464,17 @@ class Trainer:
                         total = loss + critic_cfg.coef * value_loss
                         stats["critic_loss"].append(value_loss.detach())
                     self.accelerator.backward(total)
-                    if self.accelerator.sync_gradients:
+                    synced = self.accelerator.sync_gradients
+                    if synced:
                         self.clip_gradients()
                         self.global_step += 1
+                        if self.critics is not None:
+                            fault_point("critic_update")
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                if synced:
+                    fault_point("optimizer_step")
+                    self.safe_point(epoch)
                 stats["loss"].append(loss.detach())
                 for name, value in ppo_diagnostics(log_prob.detach(), old, cfg.clip_range).items():
                     stats[name].append(value)
@@ -504,6 +536,7 @@ class Trainer:
                 mask = select_neurons(scores, rules.rule, rules.tau, rules.tau_high, rules.fraction)
                 resets += int(mask.sum())
                 (reset_lora_neurons if is_lora else reset_linear_neurons)(down, up, mask, self.optimizer.optimizer, generator)
+                fault_point("reset")
         finite = [o for o in overlaps if o == o]
         return {"neurons_total": total, "neurons_dormant": dormant, "neurons_active": total - dormant,
                 "dormant_fraction": dormant / max(total, 1), "dormant_overlap": sum(finite) / len(finite) if finite else None,
@@ -577,12 +610,105 @@ class Trainer:
         load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
         if self.critics is not None:
             self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        try:  # weights_only: a checkpoint is data, never code (a crafted pickle is refused, not run)
+            optimizer_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt is not a weights-only torch file ({first[:120]}); "
+                                  "resume from another checkpoint or start a new --out") from None
+        self.optimizer.load_state_dict(optimizer_state)
         self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
+
+    # ------------------------------------------------------------------ termination (SIGTERM)
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if self.term_requested_at is None:
+            self.term_requested_at = time.monotonic()
+            log.warning("SIGTERM received: stopping at the next safe point (grace %.0f s)",
+                        self.cfg.checkpointing.termination_grace_s)
+
+    def safe_point(self, epoch: int) -> None:
+        """Inside an epoch: after SIGTERM, stop now unless the rest of the epoch and its checkpoint fit the grace.
+
+        Only epoch boundaries are checkpointed (mid-epoch state would need the sampled trajectories), so
+        stopping here loses this epoch's work but nothing else: resume redoes it bit-identically.
+        """
+        if self.term_requested_at is None and self.accelerator.num_processes == 1:
+            return
+        now = time.monotonic()
+        # the epoch (checkpoint included) is predicted to end as the last one did, or now if it is already later
+        fits = self.term_requested_at is None or (
+            self.last_epoch_s is not None
+            and max(self.epoch_started_at + self.last_epoch_s, now)
+            < self.term_requested_at + self.cfg.checkpointing.termination_grace_s
+        )
+        requested, fits = self._termination_votes(fits)
+        if not requested or fits:
+            return
+        found = latest_checkpoint(self.checkpoint_dir)
+        newest = found[0].name if found else "none (starts over)"
+        raise Terminated(f"SIGTERM: epoch {epoch} cannot finish within the {self.cfg.checkpointing.termination_grace_s:g} s "
+                         f"grace ({now - self.epoch_started_at:.1f} s in); stopped without a new checkpoint, newest is "
+                         f"{newest}; run again with --resume")
+
+    def _termination_votes(self, fits: bool) -> tuple[bool, bool]:
+        """(some process got SIGTERM, every process has time to finish the epoch), agreed by all processes,
+        so that none stops alone and leaves the others waiting in a collective."""
+        requested = self.term_requested_at is not None
+        if self.accelerator.num_processes == 1:
+            return requested, fits
+        vote = torch.tensor([[float(requested), float(fits)]], device=self.device)
+        votes = self.accelerator.gather(vote)
+        return bool(votes[:, 0].max() > 0), bool(votes[:, 1].min() > 0)
+
+    def _lock_out_dir(self) -> int:
+        """An exclusive lock on the run directory, held for the whole run.
+
+        A retried pod can start while the old one is still inside its termination grace, writing its last
+        checkpoint; the new one waits up to `checkpointing.lock_wait_s` for it instead of writing alongside.
+        """
+        import fcntl
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / ".rewardtune.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.cfg.checkpointing.lock_wait_s
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RewardtuneError(
+                        f"{self.out_dir} is in use by another `rewardtune train` (lock {path.name} held for "
+                        f"{self.cfg.checkpointing.lock_wait_s:g} s); wait for it to end or choose another --out"
+                    ) from None
+                if not waiting:
+                    log.warning("%s is locked by another run; waiting up to %g s", self.out_dir,
+                                self.cfg.checkpointing.lock_wait_s)
+                    waiting = True
+                time.sleep(0.2)
 
     # ------------------------------------------------------------------ the job
     def run(self, resume: bool = False) -> Path:
+        """The whole job; on SIGTERM it checkpoints at the next safe point and raises `Terminated`."""
+        handler_installed = threading.current_thread() is threading.main_thread()
+        lock = self._lock_out_dir() if self.is_main else None
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handler_installed else None
+        try:
+            return self._run(resume)
+        finally:
+            if handler_installed:
+                signal.signal(signal.SIGTERM, previous)
+            if lock is not None:
+                os.close(lock)  # releases the flock
+
+    def _run(self, resume: bool) -> Path:
         cfg = self.cfg
+        if self.is_main:
+            for path in remove_stale(self.checkpoint_dir):
+                log.warning("removed %s: an incomplete checkpoint write from a killed run", path.name)
         if resume:
             found = latest_checkpoint(self.checkpoint_dir)
             if found is not None:
@@ -595,9 +721,11 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate_to(self.epochs_done)
-            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
+            write_text_atomic(self.out_dir / "config.yaml", cfg.to_yaml())
         for epoch in range(self.epochs_done, cfg.training.epochs):
             set_seed(epoch_seed(cfg.training.seed, epoch, self.accelerator.process_index))
+            self.epoch_started_at = time.monotonic()
+            self.safe_point(epoch)
             start = time.perf_counter()
             times = EpochTimes()
             samples = self.sample_epoch(epoch, times)
@@ -617,6 +745,7 @@ class Trainer:
                 reset_now = self.epochs_done % cfg.algorithm.reset.every == 0
                 if reset_now:
                     self.save("pre_reset")
+                    fault_point("pre_reset_saved")
                 stats |= self.measure_and_reset(epoch, reset_now)
             epoch_images = len(samples) * self.accelerator.num_processes
             self.samples_seen += epoch_images
@@ -638,8 +767,16 @@ class Trainer:
                 self.metrics.append(record)
                 log.info("epoch %d: reward %.4f ± %.4f, kl %.2e, clipfrac %.3f", epoch, record["reward_mean"],
                          record["reward_std"], record["approx_kl"], record["clipfrac"])
+            fault_point("metrics")
+            stopping, _ = self._termination_votes(True)
+            saved = None
             if reset_now:
-                self.save("post_reset")
-            elif self.epochs_done % cfg.checkpointing.every_epochs == 0 or self.epochs_done == cfg.training.epochs:
-                self.save()
+                saved = self.save("post_reset")
+            elif stopping or self.epochs_done % cfg.checkpointing.every_epochs == 0 or self.epochs_done == cfg.training.epochs:
+                saved = self.save()
+            fault_point("epoch_end")
+            self.last_epoch_s = time.monotonic() - self.epoch_started_at
+            if stopping and self.epochs_done < cfg.training.epochs:
+                name = saved.name if saved else checkpoint_name(self.epochs_done, "post_reset" if reset_now else "regular")
+                raise Terminated(f"SIGTERM: stopped after epoch {epoch} with checkpoint {name}; run again with --resume")
         return self.out_dir
