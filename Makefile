@@ -17,11 +17,11 @@ $(BIN)/rewardtune: pyproject.toml
 
 install: $(BIN)/rewardtune
 
-# The pipeline under kfp.local on the tiny default (builds runs/tiny-sd if missing); prints where outputs are.
+# The whole Kubeflow DAG under kfp.local on the embedded default: the overoptimization testbed
+# (configs/testbed.yaml, committed tiny model and proxy reward); prints where the report is.
 demo: install
-	$(BIN)/rewardtune init-tiny --out runs/tiny-sd --exist-ok
 	rm -rf runs/kfp-local
-	$(BIN)/python pipelines/run_local.py --root runs/kfp-local --model runs/tiny-sd
+	$(BIN)/python pipelines/run_local.py --root runs/kfp-local --config configs/testbed.yaml
 
 compile: install
 	$(BIN)/python pipelines/compile.py

@@ -1,6 +1,10 @@
-"""Run the pipeline with kfp.local on the embedded tiny default (2 CPU cores, no cluster, no Docker).
+"""Run the pipeline with kfp.local on the embedded default (2 CPU cores, no cluster, no Docker).
 
-    python pipelines/run_local.py [--epochs N] [--root runs/kfp-local]
+    python pipelines/run_local.py [--config configs/testbed.yaml] [--epochs N] [--root runs/kfp-local]
+
+The embedded default is the overoptimization testbed (configs/testbed.yaml: the committed tiny model,
+trained on the learned proxy reward, judged on the gold rewards it never sees); `--config configs/tiny.yaml
+--model DIR` runs the random tiny model instead.
 
 Runs the whole alignment DAG — prepare-prompts -> cache-models -> train -> evaluate (per checkpoint,
 ParallelFor + Collected) -> report, inside the exit handler — with the kfp-kubernetes settings ignored
@@ -15,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "testbed.yaml"
 sys.path[:0] = [str(REPO), str(REPO / "shared")]
 # Component subprocesses import rewardtune from the same checkout, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "shared"), str(REPO), os.environ.get("PYTHONPATH")]))
