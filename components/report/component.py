@@ -15,10 +15,10 @@ def report(
     import tempfile
 
     from rewardtune.report import build_report
-    from rewardtune.stages import merge_evaluations
+    from rewardtune.stages import merge_evaluations, run_label
 
     with tempfile.TemporaryDirectory() as merged:
         merge_evaluations([e.path for e in evaluations], merged)
-        headline = build_report([run.path], [merged], html.path, markdown.path)
+        headline = build_report([run.path], [merged], html.path, markdown.path, labels=[run_label(run.path)])
     for name, value in headline.items():
         metrics.log_metric(name, value)

@@ -221,6 +221,16 @@ def record_run_status(state: str, job: str, error_message: str = "") -> str:
     return line
 
 
+def run_label(run_dir: str | Path) -> str:
+    """A report label that says what was trained ("ddpo on testbed_proxy"); the artifact folder's own name
+    ("checkpoints") says nothing."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return Path(run_dir).name
+    data = yaml.safe_load(config.read_text()) or {}
+    return f"{data.get('algorithm', {}).get('name', '?')} on {data.get('reward', {}).get('name', '?')}"
+
+
 def merge_evaluations(eval_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Gather per-checkpoint evaluation results (one `<checkpoint>/` folder each) into one directory.
 
