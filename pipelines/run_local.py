@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     report, run_dir = run_local(args.root, args.model, args.epochs, args.config)
-    print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
-    print(f"report: {report}")
-    print(f"run: {run_dir} (metrics.jsonl, checkpoints/)")
-    print(f"all artifacts: {args.root}")
+    # kfp.local may leave its indenting stdout wrapper installed; the summary goes to the real stdout.
+    out = sys.__stdout__
+    print(f"pipeline finished in {time.perf_counter() - start:.0f} s", file=out)
+    print(f"report: {report}", file=out)
+    print(f"run: {run_dir} (metrics.jsonl, checkpoints/)", file=out)
+    print(f"all artifacts: {args.root}", file=out)
     return 0
 
 

@@ -20,12 +20,12 @@ def _run_local(tmp_path, *extra):
 
 
 def _line(stdout: str, prefix: str) -> Path:
-    return Path(next(line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith(prefix)).split(" (")[0])
+    return Path(next(line.split(": ", 1)[1] for line in map(str.strip, stdout.splitlines()) if line.startswith(prefix)).split(" (")[0])
 
 
 def _check(proc, epochs, train_prompts):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = _line(proc.stdout, "run")
+    run_dir = _line(proc.stdout, "run: ")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == epochs
     assert (run_dir / "checkpoints" / f"epoch-{epochs:06d}" / "manifest.json").is_file()
@@ -33,7 +33,7 @@ def _check(proc, epochs, train_prompts):
     assert len((prompts / "train.txt").read_text().splitlines()) == train_prompts
     used = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert used["prompts"] == {**used["prompts"], "source": str(prompts / "train.txt"), "template": "{}"}
-    report = _line(proc.stdout, "report")
+    report = _line(proc.stdout, "report: ")
     html = report.read_text()
     assert "Overoptimization indicators" in html and "http://" not in html and "https://" not in html
     # the Collected evaluations: the base model and the final checkpoint were both scored
@@ -52,5 +52,5 @@ def test_local_dag_embedded_default(tmp_path):
     proc = _run_local(tmp_path)
     _check(proc, 16, train_prompts=306)
     summary = next((tmp_path / "kfp").rglob("markdown")).read_text()
-    row = next(line for line in summary.splitlines() if "testbed_proxy" in line).split("|")
+    row = next(line for line in summary.splitlines() if "| testbed_proxy |" in line).split("|")
     assert float(row[5]) > 0, summary  # the training reward's gain on held-out prompts
