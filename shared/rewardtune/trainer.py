@@ -237,15 +237,16 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(seed)
         self.unet.eval()
         parts: list[dict] = []
+        embed_steps = embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride)
+        embed_at = set(embed_steps)
         for _ in range(cfg.batches_per_epoch):
             start = time.perf_counter()
             prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
             embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
             negative = self.negative_embed.expand(len(prompts), -1, -1)
             critic_inputs: list[torch.Tensor] = []
-            embed_at = set(embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride))
 
-            def store(k: int, x_t: torch.Tensor, embed_at=embed_at, critic_inputs=critic_inputs) -> None:
+            def store(k: int, x_t: torch.Tensor, critic_inputs=critic_inputs) -> None:
                 if k in embed_at:
                     critic_inputs.append(self.critic_input(x_t))
             traj = sample_trajectories(
@@ -266,7 +267,7 @@ class Trainer:
             extras = {}
             if self.critics is not None:
                 extras["critic_inputs"] = interpolate_step_embeddings(
-                    sorted(embed_at), torch.stack(critic_inputs, dim=1), cfg.num_steps
+                    embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps
                 )
                 extras["old_values"] = self.critics.eval()(extras["critic_inputs"])
                 if self.cfg.algorithm.critic.kl_coef > 0:
