@@ -1,0 +1,41 @@
+"""LoRA on a family's denoiser: add adapters (peft via `add_adapter`), save in the diffusers format, load back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.models import LORA_FILE
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze `model`, add Gaussian-initialized adapters, keep them float32; returns the trainable parameters."""
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
+    )
+    cast_training_params(model, dtype=torch.float32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise RewardtuneError(f"model.lora_target_modules {targets} matched no layer of the {type(model).__name__}")
+    return trainable
+
+
+def load_lora_state(model: torch.nn.Module, directory: Path, prefix: str) -> None:
+    """Load `pytorch_lora_weights.safetensors` (keys `<prefix>.<module>.lora_A.weight`) into the adapters."""
+    state = {k.removeprefix(f"{prefix}."): v for k, v in load_file(Path(directory) / LORA_FILE).items()}
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    if {k: v.shape for k, v in state.items()} != expected:
+        raise CheckpointError(
+            f"checkpoint {directory} holds LoRA weights of another shape (different model or lora_rank); "
+            "resume with the config it was trained with, or start a new output directory"
+        )
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(f"checkpoint {directory} has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
