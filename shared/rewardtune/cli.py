@@ -24,6 +24,14 @@ def _cmd_init_tiny(args: argparse.Namespace) -> None:
         return
     if out.exists():
         raise RewardtuneError(f"--out {out} already exists; remove it, choose another path, or pass --exist-ok")
+    if args.family != "sd":
+        from rewardtune.tiny_flow import init_tiny_flow
+
+        if args.preset != "tiny":
+            raise RewardtuneError(f"--preset {args.preset} exists only for --family sd; drop it for --family {args.family}")
+        init_tiny_flow(out, args.family, seed=args.seed)
+        print(f"wrote tiny {args.family} pipeline to {out}")
+        return
     init_tiny(out, preset=args.preset, seed=args.seed)
     print(f"wrote {args.preset} pipeline to {out}")
 
@@ -153,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", help="directory for the tiny SD pipeline")
     tiny.add_argument("--rewards-out", help="directory for tiny reward models (one subdirectory per reward)")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "sd15"])
+    tiny.add_argument(
+        "--family", default="sd", choices=["sd", "sd3", "flux"],
+        help="sd: SD 1.x-shaped (UNet, DDIM); sd3: SD3/SD3.5-shaped; flux: FLUX.1-shaped (flow transformers)",
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--exist-ok", action="store_true", help="do nothing if --out already exists")
     tiny.set_defaults(func=_cmd_init_tiny)
