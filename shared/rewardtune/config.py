@@ -93,6 +93,44 @@ class SamplingConfig(_Strict):
     negative_prompt: str = ""
 
 
+# Issue 18, phase 1: validated sections for the flow family and GRPO. They are deliberately NOT fields of
+# RunConfig yet (the trainer cannot run them); phase 2 attaches them as `sampling.flow`, `algorithm.group`,
+# `model.family: sd|sd3|flux` and `algorithm.name: grpo` when it wires the families seam (docs/families.md).
+class SdeWindowConfig(_Strict):
+    start: int = Field(0, ge=0, description="First SDE (trained) step; steps outside the window are ODE steps.")
+    size: int = Field(2, ge=1, description="Number of consecutive SDE steps (MixGRPO / Flow-GRPO-Fast).")
+
+
+class FlowSamplingConfig(_Strict):
+    """Sampling of a flow model (SD3/SD3.5, FLUX) with the SDE of `rewardtune.flow_sde`."""
+
+    noise_level: float = Field(0.7, gt=0.0, le=1.0, description="a in g = a sqrt(sigma / (1 - sigma)); Flow-GRPO: 0.7.")
+    sde_type: Literal["sde", "cps"] = Field("sde", description="sde: Flow-GRPO's; cps: coefficients-preserving.")
+    sde_window: SdeWindowConfig | None = Field(None, description="None: every step but the last is an SDE step.")
+    train_last_step: bool = Field(False, description="Also sample/train the last step (to sigma' = 0); not with cps.")
+    max_sequence_length: int = Field(256, ge=1, le=512, description="T5 tokens of the prompt encoding.")
+
+    @model_validator(mode="after")
+    def _cps_last_step(self) -> FlowSamplingConfig:
+        if self.sde_type == "cps" and self.train_last_step:
+            raise ValueError("train_last_step with sde_type cps: the last cps step has std 0 and no log-prob; set it false")
+        return self
+
+    def stochastic_steps(self, num_steps: int) -> list[bool]:
+        """Which of `num_steps` steps are SDE (trainable) steps; a window that does not fit is a ValueError."""
+        from rewardtune.flow_sde import sde_steps
+
+        window = None if self.sde_window is None else (self.sde_window.start, self.sde_window.size)
+        return sde_steps(num_steps, window, self.train_last_step)
+
+
+class GroupConfig(_Strict):
+    """GRPO: `group_size` images per prompt, advantages normalized within each group."""
+
+    group_size: int = Field(24, ge=2, description="Images per prompt (Flow-GRPO's SD3.5 presets: 24).")
+    std: Literal["global", "group"] = Field("global", description="Divide by all rewards' std or the group's own.")
+
+
 class RewardSpec(_Strict):
     name: str
     source: str | None = Field(None, description="Model source (hub id, directory, cache URI) for learned rewards.")
