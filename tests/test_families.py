@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rewardtune.config import FlowSamplingConfig
 from rewardtune.diffusion import sample_trajectories
-from rewardtune.families import PolicyFamily
+from rewardtune.families import PolicyFamily, make_family
 from rewardtune.families.flow import FlowFamily, load_flow_pipeline
 from rewardtune.families.rollout import sample_rollout
 from rewardtune.families.sd import SDFamily
@@ -29,8 +30,8 @@ def test_sd_family_reproduces_sample_trajectories_bit_for_bit(tiny_model_dir):
 
     cfg = parse_config(tiny_config_dict(tiny_model_dir))
     pipe = load_pipeline(cfg.model)
-    family = SDFamily(pipe, eta=1.0)
-    assert isinstance(family, PolicyFamily)
+    family = make_family(pipe, eta=1.0)
+    assert isinstance(family, SDFamily) and isinstance(family, PolicyFamily)
     cond = family.encode(PROMPTS)
     kwargs = dict(num_steps=4, guidance_scale=5.0, resolution=32)
     old = sample_trajectories(pipe.unet, pipe.vae, pipe.scheduler, cond["embeds"], cond["negative_embeds"],
@@ -71,7 +72,8 @@ def test_flow_sampler_at_noise_level_zero_reproduces_the_pipeline(flow_dirs, nam
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_flow_rollout_log_probs_recompute_exactly(flow_dirs, name):
     pipe = load_flow_pipeline(flow_dirs[name], name)
-    family = FlowFamily(pipe, noise_level=0.7, max_sequence_length=16)
+    family = make_family(pipe, flow=FlowSamplingConfig(max_sequence_length=16))
+    assert isinstance(family, FlowFamily) and family.noise_level == 0.7
     cond = family.encode(PROMPTS)
     rollout = sample_rollout(family, cond, num_steps=4, guidance_scale=4.5, resolution=32,
                              generator=torch.Generator().manual_seed(4))
