@@ -75,8 +75,13 @@ def test_flow_rollout_log_probs_recompute_exactly(flow_dirs, name):
     family = make_family(pipe, flow=FlowSamplingConfig(max_sequence_length=16))
     assert isinstance(family, FlowFamily) and family.noise_level == 0.7
     cond = family.encode(PROMPTS)
+    clean = []
     rollout = sample_rollout(family, cond, num_steps=4, guidance_scale=4.5, resolution=32,
-                             generator=torch.Generator().manual_seed(4))
+                             generator=torch.Generator().manual_seed(4),
+                             after_model=lambda step, x, out: clean.append(family.predicted_clean(out, step, x)))
+    assert len(clean) == 4 and clean[0].shape == rollout.latents[:, 0].shape
+    # x0_hat = x_t - sigma v: at sigma = 1 it is x_T minus the velocity
+    assert family.decode(clean[-1]).shape == rollout.images.shape
     assert rollout.stochastic.tolist() == [True, True, True, False]  # last step not trained by default
     assert torch.all(rollout.log_probs[:, -1] == 0)
     # shuffled per-sample steps: sample 0 at step 2, sample 1 at step 0; stored sigmas, not float matching
@@ -108,28 +113,26 @@ def test_flow_lora_round_trip_through_load_lora_weights(flow_dirs, name, tmp_pat
     family.save_lora(tmp_path / "ckpt")
     cond = family.encode(PROMPTS)
     x = torch.randn(2, *((16, 64) if name == "flux" else (16, 8, 8)))
-    family._grid = (8, 8)
     step = family.steps(4, 32)[1]
     trained = family.forward(x, step, cond, 4.5)
 
     fresh = load_flow_pipeline(flow_dirs[name], name)
     base = FlowFamily(fresh, max_sequence_length=16)
-    base._grid = (8, 8)
+    base.steps(4, 32)
     assert not torch.allclose(base.forward(x, step, cond, 4.5), trained)  # the adapters matter
     fresh.load_lora_weights(tmp_path / "ckpt")  # the diffusers user path
     loaded = FlowFamily(fresh, max_sequence_length=16)
-    loaded._grid = (8, 8)
+    loaded.steps(4, 32)
     torch.testing.assert_close(loaded.forward(x, step, cond, 4.5), trained)
 
     again = FlowFamily(load_flow_pipeline(flow_dirs[name], name), max_sequence_length=16)
     again.add_lora(rank=2, alpha=None)
     again.load_lora(tmp_path / "ckpt")  # the resume path
-    again._grid = (8, 8)
+    again.steps(4, 32)
     torch.testing.assert_close(again.forward(x, step, cond, 4.5), trained)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_cli_init_tiny_family(tmp_path, name):
+def test_cli_init_tiny_family(tmp_path, name="sd3"):  # flux goes through the same code (init_tiny_flow, fixture)
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     from tests.cli_runner import run_cli

@@ -92,6 +92,8 @@ class FlowFamily:
         if resolution % multiple:
             raise ValueError(f"sampling.resolution={resolution} must be a multiple of {multiple} for {self.name}")
         side = resolution // self.vae_factor
+        if self.name == "flux":
+            self._grid = (side, side)  # the transformer's image ids and decoding need the unpacked grid
         return side, side
 
     def initial_latents(self, batch: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -99,7 +101,6 @@ class FlowFamily:
         channels = self.pipe.transformer.config.in_channels // (4 if self.name == "flux" else 1)
         latents = randn_tensor((batch, channels, h, w), generator=generator, device=self.device, dtype=torch.float32)
         if self.name == "flux":
-            self._grid = (h, w)
             return self.pipe._pack_latents(latents, batch, channels, h, w)
         return latents
 
@@ -137,6 +138,8 @@ class FlowFamily:
                 hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
                 return_dict=False,
             )[0]
+        if self._grid is None:
+            raise RuntimeError("call steps(num_steps, resolution) or initial_latents first: FLUX needs the latent grid")
         h, w = self._grid
         img_ids = self.pipe._prepare_latent_image_ids(latents.shape[0], h // 2, w // 2, latents.device, latents.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype)

@@ -6,10 +6,13 @@ from collections.abc import Callable
 
 import torch
 
-from rewardtune.families.base import Conditioning, PolicyFamily, Rollout
+from rewardtune.families.base import Conditioning, PolicyFamily, Rollout, Step
 
 # Called before each step with (step index, x_t); TDPO stores critic inputs through it.
 StepHook = Callable[[int, torch.Tensor], None]
+# Called after each model call with (step, x_t, guided model output): the flow critic's state
+# x0_hat = family.predicted_clean(out, step, x_t) costs no extra model call.
+ModelHook = Callable[[Step, torch.Tensor, torch.Tensor], None]
 
 
 @torch.no_grad()
@@ -23,6 +26,7 @@ def sample_rollout(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     before_step: StepHook | None = None,
+    after_model: ModelHook | None = None,
     progress: bool = False,
 ) -> Rollout:
     """Sample one batch; deterministic steps get log-prob 0 and `stochastic[k] = False`."""
@@ -39,6 +43,8 @@ def sample_rollout(
             before_step(step.index, latents)
         with autocast:
             model_out = family.forward(latents, step, cond, guidance_scale)
+        if after_model is not None:
+            after_model(step, latents, model_out)
         latents, log_prob = family.step_with_logprob(model_out, step, latents, generator=generator)
         all_latents.append(latents)
         all_log_probs.append(log_prob if log_prob is not None else torch.zeros(batch, device=device))
