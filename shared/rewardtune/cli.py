@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser(
         "init-tiny",
-        help="build a tiny SD-shaped pipeline (--out) and/or tiny reward models (--rewards-out) offline",
+        help="build a tiny SD/SD3/FLUX-shaped pipeline (--out, --family) and/or tiny reward models (--rewards-out) offline",
         description="Tiny stand-ins of the real architecture classes, saved in the layouts the real loaders read. "
         "--rewards-out DIR writes DIR/<reward> for aesthetic, pickscore, clipscore, hpsv2 and imagereward; "
         "use each as that reward's `source`.",
