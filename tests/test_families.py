@@ -145,3 +145,39 @@ def test_cli_init_tiny_family(tmp_path, name="sd3"):  # flux goes through the sa
     assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor > 0
     refused = run_cli(["init-tiny", "--family", name, "--preset", "sd15", "--out", str(tmp_path / "x")])
     assert refused.returncode == 2 and "only for --family sd" in refused.stderr
+
+
+def test_flux_without_distilled_guidance_reproduces_true_cfg():
+    from diffusers import FluxTransformer2DModel
+
+    from rewardtune.tiny_flow import build_flux
+
+    pipe = build_flux(seed=1)
+    torch.manual_seed(1)
+    pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        module.eval()  # built in memory, not through from_pretrained
+    pipe.set_progress_bar_config(disable=True)
+    family = FlowFamily(pipe, noise_level=0.0, max_sequence_length=16)
+    cond = family.encode(PROMPTS)
+    assert "negative_embeds" in cond
+    rollout = sample_rollout(family, cond, num_steps=3, guidance_scale=4.5, resolution=32,
+                             generator=torch.Generator().manual_seed(2))
+    want = pipe(PROMPTS, negative_prompt=[""] * 2, true_cfg_scale=4.5, num_inference_steps=3, height=32, width=32,
+                max_sequence_length=16, output_type="latent", latents=rollout.latents[:, 0].clone()).images
+    assert torch.equal(rollout.latents[:, -1], want)
+
+
+def test_flow_window_and_cps_through_the_family(flow_dirs):
+    pipe = load_flow_pipeline(flow_dirs["sd3"], "sd3")
+    flow = FlowSamplingConfig(sde_type="cps", sde_window={"start": 1, "size": 2}, max_sequence_length=16)
+    family = make_family(pipe, flow=flow)
+    cond = family.encode(PROMPTS)
+    rollout = sample_rollout(family, cond, num_steps=4, guidance_scale=4.5, resolution=32,
+                             generator=torch.Generator().manual_seed(5))
+    assert rollout.stochastic.tolist() == [False, True, True, False]
+    assert torch.all(rollout.log_probs[:, [0, 3]] == 0) and torch.all(rollout.log_probs[:, [1, 2]] != 0)
+    step = rollout.step(0)  # an ODE step: exactly x + v dt
+    out = family.forward(rollout.latents[:, 0], step, cond, 4.5)
+    x_next, log_prob = family.step_with_logprob(out, step, rollout.latents[:, 0])
+    assert log_prob is None and torch.equal(x_next, rollout.latents[:, 1])

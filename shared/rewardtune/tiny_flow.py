@@ -52,7 +52,7 @@ def _t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
     return T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer), d_model=_T5_DIM, d_ff=64, d_kv=8, num_layers=1, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
         )
     )

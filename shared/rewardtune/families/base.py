@@ -68,8 +68,11 @@ class Rollout:
                 return values[:, k]
             return values.gather(1, k.to(values.device)[:, None])[:, 0]
 
+        flags = self.stochastic[k] if isinstance(k, int) else self.stochastic[k.to(self.stochastic.device)]
+        if bool(flags.any()) != bool(flags.all()):
+            raise ValueError("a batch mixes SDE and ODE steps; shuffle only the stochastic (trainable) steps")
         index = k if isinstance(k, int) else -1
-        return Step(index, pick(self.timesteps), pick(self.sigmas), pick(self.sigmas_next), True)
+        return Step(index, pick(self.timesteps), pick(self.sigmas), pick(self.sigmas_next), bool(flags.all()))
 
 
 @runtime_checkable
