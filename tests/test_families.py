@@ -181,3 +181,20 @@ def test_flow_window_and_cps_through_the_family(flow_dirs):
     out = family.forward(rollout.latents[:, 0], step, cond, 4.5)
     x_next, log_prob = family.step_with_logprob(out, step, rollout.latents[:, 0])
     assert log_prob is None and torch.equal(x_next, rollout.latents[:, 1])
+
+
+def test_rollout_step_reads_stored_inputs_and_refuses_mixed_batches():
+    from rewardtune.families import Rollout
+
+    b, k = 2, 3
+    rollout = Rollout(
+        latents=torch.zeros(b, k + 1, 1), timesteps=torch.tensor([[900.0, 500.0, 100.0]] * b),
+        log_probs=torch.zeros(b, k), stochastic=torch.tensor([True, True, False]), conditioning={},
+        images=torch.zeros(b, 3, 1, 1), sigmas=torch.tensor([[0.9, 0.5, 0.1]] * b),
+        sigmas_next=torch.tensor([[0.5, 0.1, 0.0]] * b),
+    )
+    step = rollout.step(torch.tensor([1, 0]))  # per-sample (shuffled) steps
+    assert step.sigma.tolist() == [0.5, 0.9] and step.sigma_next.tolist() == [0.1, 0.5] and step.stochastic
+    assert rollout.step(2).stochastic is False
+    with pytest.raises(ValueError, match="mixes SDE and ODE"):
+        rollout.step(torch.tensor([2, 0]))
