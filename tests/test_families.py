@@ -194,7 +194,8 @@ def test_rollout_step_reads_stored_inputs_and_refuses_mixed_batches():
         sigmas_next=torch.tensor([[0.5, 0.1, 0.0]] * b),
     )
     step = rollout.step(torch.tensor([1, 0]))  # per-sample (shuffled) steps
-    assert step.sigma.tolist() == [0.5, 0.9] and step.sigma_next.tolist() == [0.1, 0.5] and step.stochastic
+    assert torch.equal(step.sigma, torch.tensor([0.5, 0.9])) and torch.equal(step.sigma_next, torch.tensor([0.1, 0.5]))
+    assert step.stochastic and torch.equal(step.timestep, torch.tensor([500.0, 900.0]))
     assert rollout.step(2).stochastic is False
     with pytest.raises(ValueError, match="mixes SDE and ODE"):
         rollout.step(torch.tensor([2, 0]))
