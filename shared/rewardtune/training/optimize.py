@@ -1,0 +1,162 @@
+"""The optimization stage: PPO's clipped objective over shuffled (sample, step) pairs, the critic's
+clipped value loss alongside (TDPO), gradient accumulation and clipping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rewardtune.diffusion import (
+    ddim_step_with_logprob,
+    guided_noise_pred,
+)
+from rewardtune.faults import fault_point
+from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
+from rewardtune.temporal import (
+    clipped_value_loss,
+)
+from rewardtune.training.rollout import EpochSamples
+from rewardtune.training.setup import epoch_seed
+
+
+class Optimization:
+    """`train_epoch` and the batching it relies on."""
+
+    def _shuffled(self, samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Shuffle samples, then the time axis of each sample independently (as DDPO and TDPO do)."""
+        n, k = samples.timesteps.shape
+        order = torch.randperm(n, generator=generator)
+        time_perm = torch.stack([torch.randperm(k, generator=generator) for _ in range(n)])
+        fields = {
+            "latents": samples.latents,
+            "next_latents": samples.next_latents,
+            "timesteps": samples.timesteps,
+            "log_probs": samples.log_probs,
+            "advantages": samples.advantages,
+            **{name: value for name, value in samples.extras.items() if value.ndim >= 2 and value.shape[1] == k},
+        }
+        out: dict[str, torch.Tensor] = {}
+        rows = torch.arange(n)[:, None]
+        for name, value in fields.items():
+            value = value[order.to(value.device)]
+            out[name] = value[rows.to(value.device), time_perm.to(value.device)]
+        out["prompt_embeds"] = samples.prompt_embeds[order.to(self.device)]
+        out["negative_embeds"] = samples.negative_embeds[order.to(self.device)]
+        return out
+
+    def _micro_steps(self, n: int) -> list[list[tuple[slice, int]]]:
+        """(sample slice, time column) pairs in the loop order of the algorithm, `fused_steps` per UNet call.
+
+        Fusing consecutive micro-steps of one optimizer step changes only the batch shape: every pair
+        still weighs the same in the step's mean loss.
+        """
+        bs = self.cfg.training.batch_size
+        batches = [slice(i, i + bs) for i in range(0, n, bs)]
+        steps = range(self.num_train_steps)
+        if self.time_major:
+            pairs = [(b, j) for j in steps for b in batches]
+        else:
+            pairs = [(b, j) for b in batches for j in steps]
+        fused = self.cfg.training.fused_steps
+        return [pairs[i : i + fused] for i in range(0, len(pairs), fused)]
+
+    @staticmethod
+    def _view(batch: dict[str, torch.Tensor], chunk: list[tuple[slice, int]]) -> dict[str, torch.Tensor]:
+        """The (sample, step) pairs of a chunk as one flat batch."""
+        out = {}
+        for name, value in batch.items():
+            if name in ("prompt_embeds", "negative_embeds"):
+                parts = [value[rows] for rows, _ in chunk]
+            else:
+                parts = [value[rows, j] for rows, j in chunk]
+            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out
+
+    def log_prob_of(self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """log pi(x_{t-1} | x_t) of each pair in a flat batch, recomputed with gradients."""
+        model = model or self.unet
+        latents, timesteps = view["latents"], view["timesteps"]
+        model_dtype = next(model.parameters()).dtype
+        with self.accelerator.autocast():
+            noise_pred = guided_noise_pred(
+                model,
+                self.scheduler.scale_model_input(latents, timesteps).to(model_dtype),
+                timesteps,
+                view["prompt_embeds"],
+                view["negative_embeds"],
+                self.cfg.sampling.guidance_scale,
+            )
+        _, log_prob = ddim_step_with_logprob(
+            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"]
+        )
+        return log_prob
+
+    def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.log_prob_of(self._view(batch, [(rows, j)]), model)
+
+    def train_epoch(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
+        cfg = self.cfg.training
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, self.accelerator.process_index) + 1)
+        self.unet.train()
+        models = [self.unet] if self.critics is None else [self.unet, self.critics.train()]
+        critic_cfg = self.cfg.algorithm.critic
+        stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
+        if self.critics is not None:
+            stats["critic_loss"] = []
+        from tqdm.auto import tqdm
+
+        for inner in range(cfg.inner_epochs):
+            if inner and self.measures_neurons:  # official: measure (and reset) after every inner epoch; the last is _run's
+                self.measure_and_reset(epoch, self.reset_due(epoch), inner - 1)
+            batch = self._shuffled(samples, generator)
+            for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
+                view = self._view(batch, chunk)
+                with self.accelerator.accumulate(*models):
+                    log_prob = self.log_prob_of(view)
+                    old = view["log_probs"]
+                    loss = ppo_clipped_loss(log_prob, old, view["advantages"], cfg.clip_range)
+                    total = loss
+                    if self.critics is not None:
+                        values = self.critics(view["critic_inputs"])
+                        value_loss = clipped_value_loss(values, view["old_values"], view["returns"], critic_cfg.value_clip)
+                        total = loss + critic_cfg.coef * value_loss
+                        stats["critic_loss"].append(value_loss.detach())
+                    self.accelerator.backward(total)
+                    synced = self.accelerator.sync_gradients
+                    if synced:
+                        self.clip_gradients()
+                        self.global_step += 1
+                        if self.critics is not None:
+                            fault_point("critic_update")
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if synced:
+                    fault_point("optimizer_step")
+                    self.safe_point(epoch)
+                stats["loss"].append(loss.detach())
+                for name, value in ppo_diagnostics(log_prob.detach(), old, cfg.clip_range).items():
+                    stats[name].append(value)
+            self.probe = self._probe(batch)
+        means = torch.stack([torch.stack(values).mean() for values in stats.values()])
+        means = self.accelerator.reduce(means, reduction="mean")  # every rank has as many micro-steps: the global mean
+        return dict(zip(stats, means.tolist(), strict=True))
+
+    def _probe(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The neuron-score probe of the official code: the first `sampling.batch_size` samples of this inner
+        epoch's shuffled buffer at the last trained time column (all processes' probes are gathered later)."""
+        rows = slice(0, self.cfg.sampling.batch_size)
+        probe = {name: batch[name][rows, self.num_train_steps - 1] for name in
+                 ("latents", "timesteps", *(["critic_inputs"] if self.critics is not None else []))}
+        probe["prompt_embeds"], probe["negative_embeds"] = batch["prompt_embeds"][rows], batch["negative_embeds"][rows]
+        return probe
+
+    def clip_gradients(self) -> None:
+        """Unscale once (one optimizer, however many networks), then clip each network's norm separately.
+
+        The official TDPO code unscales the critic twice under fp16; this does not.
+        """
+        self.accelerator.unscale_gradients()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)
+        if self.critics is not None:
+            torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm)
+
