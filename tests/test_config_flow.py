@@ -1,11 +1,11 @@
-"""Config sections of the flow family and GRPO (issue 18 phase 1): validated, not yet part of RunConfig."""
+"""Config sections of the flow family and GRPO: `sampling.flow`, `algorithm.group` (validated)."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from rewardtune.config import FlowSamplingConfig, GroupConfig, RunConfig, format_validation_error
+from rewardtune.config import FlowSamplingConfig, GroupConfig, format_validation_error
 
 
 def test_defaults_are_flow_grpos():
@@ -41,9 +41,3 @@ def test_bad_values_name_the_field(model, data, field):
     message = format_validation_error(err.value)
     assert message.startswith(f"config error at {field}") and "\n" not in message
 
-
-def test_not_yet_in_the_run_schema():
-    # phase 2 attaches them when the trainer runs them; until then a run config cannot ask for them
-    assert "family" not in RunConfig.model_fields["model"].annotation.model_fields
-    assert "flow" not in RunConfig.model_fields["sampling"].annotation.model_fields
-    assert "grpo" not in RunConfig.model_fields["algorithm"].annotation.model_fields["name"].annotation.__args__

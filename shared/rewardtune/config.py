@@ -18,6 +18,11 @@ from pydantic_core import PydanticCustomError
 from rewardtune.errors import ConfigError
 
 SECRET_ERROR = "credentials_in_config"
+# Flow-GRPO's LoRA targets for SD3.5 (attention of both streams of the joint blocks): the sd3/flux default
+FLOW_LORA_TARGETS = (
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+)
 
 
 def _no_credentials(source: str | None) -> str | None:
@@ -50,7 +55,19 @@ class ModelConfig(_Strict):
     _source_has_no_credentials = field_validator("source")(_no_credentials)
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float | None = Field(None, gt=0, description="Defaults to lora_rank (scale 1).")
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1,
+        description="Layers that get LoRA adapters; sd3/flux default to Flow-GRPO's attention projections.",
+    )
+    family: Literal["sd", "sd3", "flux"] = Field(
+        "sd", description="sd: SD 1.x/2.x (UNet, DDIM); sd3: SD3/SD3.5; flux: FLUX (rectified-flow transformers)."
+    )
+
+    @model_validator(mode="after")
+    def _family_lora_targets(self) -> ModelConfig:
+        if self.family != "sd" and "lora_target_modules" not in self.model_fields_set:
+            self.__dict__["lora_target_modules"] = list(FLOW_LORA_TARGETS)  # no re-validation loop
+        return self
 
     @field_validator("source")
     @classmethod
@@ -91,11 +108,12 @@ class SamplingConfig(_Strict):
     batches_per_epoch: int = Field(4, ge=1)
     resolution: int = Field(512, ge=8)
     negative_prompt: str = ""
+    flow: FlowSamplingConfig | None = Field(
+        None, description="The flow SDE of model.family sd3/flux (None there: the defaults); not used by sd."
+    )
 
 
-# Issue 18, phase 1: validated sections for the flow family and GRPO. They are deliberately NOT fields of
-# RunConfig yet (the trainer cannot run them); phase 2 attaches them as `sampling.flow`, `algorithm.group`,
-# `model.family: sd|sd3|flux` and `algorithm.name: grpo` when it wires the families seam (docs/families.md).
+# The flow family's sampling (`sampling.flow`) and GRPO's groups (`algorithm.group`), docs/families.md.
 class SdeWindowConfig(_Strict):
     start: int = Field(0, ge=0, description="First SDE (trained) step; steps outside the window are ODE steps.")
     size: int = Field(2, ge=1, description="Number of consecutive SDE steps (MixGRPO / Flow-GRPO-Fast).")
@@ -129,6 +147,9 @@ class GroupConfig(_Strict):
 
     group_size: int = Field(24, ge=2, description="Images per prompt (Flow-GRPO's SD3.5 presets: 24).")
     std: Literal["global", "group"] = Field("global", description="Divide by all rewards' std or the group's own.")
+
+
+SamplingConfig.model_rebuild()
 
 
 class RewardSpec(_Strict):
@@ -231,6 +252,11 @@ class CriticConfig(_Strict):
     )
     kl_horizon: int = Field(2000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
     advantage_norm: Literal["global", "per_prompt"] = "global"
+    flow_state: Literal["x0_hat", "x_t"] = Field(
+        "x0_hat",
+        description="Flow families: the critic's state is the decoded x0_hat = x_t - sigma v (no extra model call) "
+        "or the decoded x_t (paper-literal); sigma is an extra critic input either way. sd: always x_t.",
+    )
 
     @model_validator(mode="after")
     def _dropout_per_layer(self) -> CriticConfig:
@@ -282,11 +308,12 @@ class LagrangeConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
-    name: Literal["ddpo", "tdpo", "tdpo_r", "cdpo"] = "ddpo"
+    name: Literal["ddpo", "grpo", "tdpo", "tdpo_r", "cdpo"] = "ddpo"
     critic: CriticConfig = Field(default_factory=CriticConfig)
     reset: ResetConfig = Field(default_factory=ResetConfig)
     constraints: list[ConstraintConfig] = Field(default_factory=list)
     lagrange: LagrangeConfig = Field(default_factory=LagrangeConfig)
+    group: GroupConfig | None = Field(None, description="GRPO's groups (None with grpo: the defaults).")
 
     @property
     def uses_critic(self) -> bool:
@@ -305,6 +332,10 @@ class AlgorithmConfig(_Strict):
             raise ValueError(f"algorithm.constraints name a reward twice ({names}); give each auxiliary reward once")
         if self.name != "cdpo" and self.constraints:
             raise ValueError(f"algorithm.constraints are only used by cdpo, not {self.name}; remove them or set name: cdpo")
+        if self.group is not None and self.name != "grpo":
+            raise ValueError(f"algorithm.group is only used by grpo, not {self.name}; remove it or set name: grpo")
+        if self.name == "grpo" and self.group is None:
+            self.__dict__["group"] = GroupConfig()
         return self
 
 
@@ -397,6 +428,28 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"training.batch_size x training.gradient_accumulation_steps = {per_step} must divide the {per_epoch} "
                 "trajectories per epoch, or the last optimizer step of an epoch would be partial"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _family_sections(self) -> RunConfig:
+        """sampling.flow belongs to the flow families; GRPO's groups must fill a process's epoch."""
+        flow = self.model.family != "sd"
+        if self.sampling.flow is not None and not flow:
+            raise ValueError("sampling.flow is for model.family sd3 or flux; remove it or set model.family")
+        if flow:
+            if self.sampling.flow is None:
+                self.sampling.__dict__["flow"] = FlowSamplingConfig()
+            try:
+                self.sampling.flow.stochastic_steps(self.sampling.num_steps)
+            except ValueError as err:
+                raise ValueError(f"sampling.flow.sde_window: {err}") from None
+        group = self.algorithm.group
+        per_epoch = self.sampling.batch_size * self.sampling.batches_per_epoch
+        if group is not None and per_epoch % group.group_size:
+            raise ValueError(
+                f"algorithm.group.group_size={group.group_size} must divide the {per_epoch} trajectories a process "
+                "samples per epoch (sampling.batch_size x sampling.batches_per_epoch): groups are sampled whole"
             )
         return self
 

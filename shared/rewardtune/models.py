@@ -19,11 +19,13 @@ from rewardtune.config import ModelConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FLOW_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+FAMILY_OF_PIPELINE = {"StableDiffusionPipeline": "sd", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_model_dir(source: str, revision: str | None = None) -> str:
+def resolve_model_dir(source: str, revision: str | None = None, family: str = "sd") -> str:
     """A local pipeline directory for `source`, or a hub id for from_pretrained.
 
     Cache URIs (`s3://bucket/prefix/<key>`, or a cache directory entry holding a manifest) are
@@ -35,24 +37,28 @@ def resolve_model_dir(source: str, revision: str | None = None) -> str:
     kind = source_kind(source)
     if kind == "cache" or (kind in ("hub", "url") and os.environ.get(CACHE_ENV)):
         path = resolve_source(source, revision)
-        check_pipeline_dir(path)
+        check_pipeline_dir(path, family)
         return str(path)
     path = Path(source.removeprefix("file://")).expanduser()
     if path.exists():
-        check_pipeline_dir(path)
+        check_pipeline_dir(path, family)
         return str(path)
     if source.startswith(("file://", "/", ".")):
         raise RewardtuneError(f"model.source {source} does not exist; build one with `rewardtune init-tiny --out DIR`")
     return source
 
 
-def check_pipeline_dir(path: Path) -> None:
-    """Name the missing component instead of letting from_pretrained fail deep inside."""
+def check_pipeline_dir(path: Path, family: str = "sd") -> None:
+    """Name the missing component (or the other family) instead of letting from_pretrained fail deep inside."""
     index = path / "model_index.json"
     if not index.is_file():
         raise RewardtuneError(f"model directory {path} has no model_index.json; it is not a diffusers pipeline directory")
     listed = json.loads(index.read_text())
-    for name in REQUIRED_COMPONENTS:
+    found = FAMILY_OF_PIPELINE.get(listed.get("_class_name"))
+    if found is not None and found != family:
+        raise RewardtuneError(f"model directory {path} holds a {listed['_class_name']} (model.family {found}), "
+                              f"not model.family {family}; set model.family: {found}")
+    for name in (REQUIRED_COMPONENTS if family == "sd" else FLOW_COMPONENTS):
         if name not in listed or not (path / name).is_dir():
             raise RewardtuneError(
                 f"model directory {path} is missing the '{name}' component; re-save the pipeline with save_pretrained"

@@ -16,15 +16,10 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 from peft.utils import get_peft_model_state_dict
 
+from rewardtune.config import FLOW_LORA_TARGETS
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora, load_lora_state
 from rewardtune.flow_sde import SdeType, euler_step, flow_step_with_logprob, sde_steps
-
-# Flow-GRPO's LoRA targets for SD3.5 (attention of both streams of the joint blocks)
-FLOW_LORA_TARGETS = (
-    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
-)
 
 
 class FlowFamily:
@@ -222,3 +217,29 @@ def load_flow_pipeline(location: str | Path, family: str, with_t5: bool = True):
             raise ValueError("FLUX needs its T5 encoder; only SD3 can drop it")
         kwargs = {"text_encoder_3": None, "tokenizer_3": None}
     return cls.from_pretrained(str(location), local_files_only=True, **kwargs)
+
+
+def prepare_flow_policy(pipe, cfg, device: torch.device, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
+    """As `models.prepare_policy` for a transformer: freeze the VAE and text encoders, LoRA (or full) on the
+    transformer; frozen weights in `model.dtype`, trainable parameters float32. Returns the trainable ones."""
+    from rewardtune.models import DTYPES
+
+    dtype = DTYPES[cfg.dtype]
+    names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    frozen = [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
+    transformer = pipe.transformer
+    for module in frozen:
+        module.requires_grad_(False)
+    transformer.requires_grad_(cfg.finetune == "full")
+    for module in (*frozen, transformer):
+        module.to(device)
+    if dtype != torch.float32:
+        for module in frozen + ([transformer] if cfg.finetune == "lora" else []):
+            module.to(dtype=dtype)
+    if cfg.finetune == "lora":
+        trainable = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_target_modules))
+    else:
+        trainable = [p for p in transformer.parameters() if p.requires_grad]
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return trainable

@@ -1,5 +1,5 @@
-"""Advantage estimators, one per algorithm: DDPO's per-prompt normalized reward for every step, TDPO's
-temporal returns minus the old critic values, CDPO's Lagrangian combination of them.
+"""Advantage estimators, one per algorithm: DDPO's per-prompt normalized reward for every step, GRPO's
+group-normalized one, TDPO's temporal returns minus the old critic values, CDPO's Lagrangian combination.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from accelerate.utils import gather_object
 
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
+from rewardtune.group_advantages import group_advantages
 from rewardtune.kl import kl_penalty, sample_kl
 from rewardtune.lagrangian import combine_advantages
 from rewardtune.temporal import (
@@ -22,10 +23,15 @@ class AdvantageEstimation:
     """`compute_advantages` fills `EpochSamples.advantages`; statistics are gathered across processes."""
 
     def normalized_rewards(self, rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker) -> torch.Tensor:
-        """Normalize rewards by their prompt's (or the batch's) statistics, gathered across all processes."""
+        """Normalize rewards by their prompt's (or the batch's) statistics, gathered across all processes.
+
+        GRPO: by the prompt's group of this epoch (no history), `group_advantages`.
+        """
         all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
         all_rewards = self.accelerator.gather(rewards).cpu().numpy()
-        if self.cfg.training.stat_tracking.enabled:
+        if self.cfg.algorithm.name == "grpo":
+            normalized = group_advantages(all_prompts, all_rewards, self.cfg.algorithm.group.std)
+        elif self.cfg.training.stat_tracking.enabled:
             normalized = tracker.update(all_prompts, all_rewards)
         else:
             normalized = batch_normalized(all_rewards)
@@ -37,7 +43,7 @@ class AdvantageEstimation:
         return mine.clamp(-clip, clip) if clip > 0 else mine
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
-        """DDPO: one clipped advantage for every step. TDPO: A_k = R_k - V_old(s_k) per reward, per step;
+        """DDPO/GRPO: one clipped advantage for every step. TDPO: A_k = R_k - V_old(s_k) per reward, per step;
         CDPO combines them with the Lagrange multipliers. Returns the KL penalty's statistics (if any)."""
         steps = samples.timesteps.shape[1]
         all_rewards = samples.extras["all_rewards"]

@@ -65,7 +65,7 @@ class Lifecycle:
     def checkpoint_meta(self) -> dict:
         m = self.cfg.model
         return {"model_source": m.source, "finetune": m.finetune, "lora_rank": m.lora_rank if m.finetune == "lora" else None,
-                "algorithm": self.cfg.algorithm.name}
+                "algorithm": self.cfg.algorithm.name, "model_family": m.family}
 
     def trainer_state(self) -> dict:
         return {"epochs_done": self.epochs_done, "samples_seen": self.samples_seen, "global_step": self.global_step,
@@ -85,12 +85,31 @@ class Lifecycle:
         self.previous_dormant = {k: torch.tensor(v, dtype=torch.bool) for k, v in state["previous_dormant"].items()}
 
     def _write_checkpoint(self, directory: Path) -> None:
-        save_policy(self.accelerator.unwrap_model(self.unet), self.cfg.model, directory)
+        self._save_policy(directory)
         if self.critics is not None:
             save_file(self.accelerator.unwrap_model(self.critics).state_dict(), directory / "critic.safetensors")
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         (directory / "trainer_state.json").write_text(json.dumps(self.trainer_state(), indent=1))
         (directory / "config.yaml").write_text(self.cfg.to_yaml())
+
+    def _save_policy(self, directory: Path) -> None:
+        """sd: as before (`models.save_policy`); flow: the family's diffusers LoRA file or the full transformer."""
+        model = self.accelerator.unwrap_model(self.unet)
+        if not self.is_flow:
+            save_policy(model, self.cfg.model, directory)
+        elif self.cfg.model.finetune == "lora":
+            self.family.save_lora(directory)
+        else:
+            model.save_pretrained(directory / "transformer", safe_serialization=True)
+
+    def _load_policy_weights(self, path: Path) -> None:
+        model = self.accelerator.unwrap_model(self.unet)
+        if not self.is_flow:
+            load_policy_weights(model, self.cfg.model, path)
+        elif self.cfg.model.finetune == "lora":
+            self.family.load_lora(path)
+        else:
+            model.load_state_dict(type(model).from_pretrained(path / "transformer").state_dict())
 
     def save(self, kind: str = "regular") -> Path | None:
         self.accelerator.wait_for_everyone()
@@ -104,13 +123,14 @@ class Lifecycle:
     def load(self, path: Path, manifest: dict) -> None:
         expected = self.checkpoint_meta()
         found = manifest.get("meta", {})
-        for key in ("model_source", "finetune", "lora_rank", "algorithm"):
+        found = {"model_family": "sd", **found}  # checkpoints from before the flow families are sd's
+        for key in ("model_source", "model_family", "finetune", "lora_rank", "algorithm"):
             if found.get(key) != expected[key]:
                 raise CheckpointError(
                     f"checkpoint {path} was trained with {key}={found.get(key)!r}, this config has {expected[key]!r}; "
                     "resume with the original config or use a new --out directory"
                 )
-        load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
+        self._load_policy_weights(path)
         if self.critics is not None:
             self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
         try:

@@ -10,6 +10,7 @@ from rewardtune.diffusion import (
     ddim_step_with_logprob,
     guided_noise_pred,
 )
+from rewardtune.families.base import Step
 from rewardtune.faults import fault_point
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.temporal import (
@@ -19,20 +20,38 @@ from rewardtune.training.rollout import EpochSamples
 from rewardtune.training.setup import epoch_seed
 
 
+def is_row_field(name: str) -> bool:
+    """Fields indexed by sample only (text conditioning); all others are [sample, step, ...]."""
+    return name in ("prompt_embeds", "negative_embeds") or name.startswith("cond.")
+
+
+def row_fields(samples: EpochSamples) -> dict[str, torch.Tensor]:
+    """The per-sample conditioning of an epoch: sd's two embeddings, or a flow family's dict as `cond.<key>`."""
+    if samples.prompt_embeds is not None:
+        return {"prompt_embeds": samples.prompt_embeds, "negative_embeds": samples.negative_embeds}
+    return {f"cond.{key}": value for key, value in samples.conditioning.items()}
+
+
 class Optimization:
     """`train_epoch` and the batching it relies on."""
 
     def _shuffled(self, samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Shuffle samples, then the time axis of each sample independently (as DDPO and TDPO do)."""
+        """Shuffle samples, then the trainable steps of each sample independently (as DDPO and TDPO do).
+
+        Only the trainable (stochastic) steps are permuted and kept: column j of the result is a trainable step.
+        sd trains every step (the permutation is `randperm(K)` itself); flow models skip their ODE steps.
+        """
         n, k = samples.timesteps.shape
         order = torch.randperm(n, generator=generator)
-        time_perm = torch.stack([torch.randperm(k, generator=generator) for _ in range(n)])
+        steps = torch.as_tensor(self.trainable_steps)
+        time_perm = torch.stack([steps[torch.randperm(len(steps), generator=generator)] for _ in range(n)])
         fields = {
             "latents": samples.latents,
             "next_latents": samples.next_latents,
             "timesteps": samples.timesteps,
             "log_probs": samples.log_probs,
             "advantages": samples.advantages,
+            **({"sigmas": samples.sigmas, "sigmas_next": samples.sigmas_next} if samples.sigmas is not None else {}),
             **{name: value for name, value in samples.extras.items() if value.ndim >= 2 and value.shape[1] == k},
         }
         out: dict[str, torch.Tensor] = {}
@@ -40,8 +59,8 @@ class Optimization:
         for name, value in fields.items():
             value = value[order.to(value.device)]
             out[name] = value[rows.to(value.device), time_perm.to(value.device)]
-        out["prompt_embeds"] = samples.prompt_embeds[order.to(self.device)]
-        out["negative_embeds"] = samples.negative_embeds[order.to(self.device)]
+        for name, value in row_fields(samples).items():
+            out[name] = value[order.to(value.device)]
         return out
 
     def _micro_steps(self, n: int) -> list[list[tuple[slice, int]]]:
@@ -65,7 +84,7 @@ class Optimization:
         """The (sample, step) pairs of a chunk as one flat batch."""
         out = {}
         for name, value in batch.items():
-            if name in ("prompt_embeds", "negative_embeds"):
+            if is_row_field(name):
                 parts = [value[rows] for rows, _ in chunk]
             else:
                 parts = [value[rows, j] for rows, j in chunk]
@@ -75,6 +94,8 @@ class Optimization:
     def log_prob_of(self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """log pi(x_{t-1} | x_t) of each pair in a flat batch, recomputed with gradients."""
         model = model or self.unet
+        if self.is_flow:
+            return self._flow_log_prob(view, model)
         latents, timesteps = view["latents"], view["timesteps"]
         model_dtype = next(model.parameters()).dtype
         with self.accelerator.autocast():
@@ -89,6 +110,15 @@ class Optimization:
         _, log_prob = ddim_step_with_logprob(
             self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"]
         )
+        return log_prob
+
+    def _flow_log_prob(self, view: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+        """The flow family's log-prob at the stored per-sample (timestep, sigma, sigma') of trainable steps."""
+        step = Step(-1, view["timesteps"], view["sigmas"], view["sigmas_next"], stochastic=True)
+        cond = {name.removeprefix("cond."): value for name, value in view.items() if name.startswith("cond.")}
+        with self.accelerator.autocast():
+            out = self.family.forward(view["latents"], step, cond, self.cfg.sampling.guidance_scale, model=model)
+        _, log_prob = self.family.step_with_logprob(out, step, view["latents"], prev=view["next_latents"])
         return log_prob
 
     def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
@@ -145,9 +175,10 @@ class Optimization:
         """The neuron-score probe of the official code: the first `sampling.batch_size` samples of this inner
         epoch's shuffled buffer at the last trained time column (all processes' probes are gathered later)."""
         rows = slice(0, self.cfg.sampling.batch_size)
-        probe = {name: batch[name][rows, self.num_train_steps - 1] for name in
-                 ("latents", "timesteps", *(["critic_inputs"] if self.critics is not None else []))}
-        probe["prompt_embeds"], probe["negative_embeds"] = batch["prompt_embeds"][rows], batch["negative_embeds"][rows]
+        per_step = ["latents", "timesteps", *(["sigmas", "sigmas_next"] if self.is_flow else []),
+                    *(["critic_inputs"] if self.critics is not None else [])]
+        probe = {name: batch[name][rows, self.num_train_steps - 1] for name in per_step}
+        probe |= {name: value[rows] for name, value in batch.items() if is_row_field(name)}
         return probe
 
     def clip_gradients(self) -> None:

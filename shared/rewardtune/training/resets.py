@@ -21,6 +21,7 @@ from rewardtune.neuron_reset import (
     reset_lora_neurons,
     select_neurons,
 )
+from rewardtune.training.optimize import is_row_field
 from rewardtune.training.rollout import EpochSamples
 from rewardtune.training.setup import epoch_seed
 
@@ -71,7 +72,7 @@ class ResetsAndDuals:
         modules = [down for _, down, _, _ in layers]
         probe = self.probe
         if layers and layers[0][3]:
-            batch = {k: v.unsqueeze(1) if k in ("latents", "timesteps") else v for k, v in probe.items()}
+            batch = {k: v if is_row_field(k) else v.unsqueeze(1) for k, v in probe.items() if k != "critic_inputs"}
             batch["next_latents"] = batch["latents"]
             acts = record_activations(modules, lambda: self.policy_log_prob(batch, slice(None), 0, self.policy))
         else:

@@ -16,7 +16,10 @@ from rewardtune.diffusion import (
     encode_prompts,
     sample_trajectories,
 )
+from rewardtune.families.base import Step
+from rewardtune.families.rollout import sample_rollout
 from rewardtune.faults import fault_point
+from rewardtune.group_advantages import group_prompts
 from rewardtune.rewards import check_finite
 from rewardtune.training.setup import epoch_seed
 
@@ -30,12 +33,15 @@ class EpochSamples:
     next_latents: torch.Tensor  # [N, K, ...] x_{t-1} after each step
     timesteps: torch.Tensor  # [N, K]
     log_probs: torch.Tensor  # [N, K]
-    prompt_embeds: torch.Tensor  # [N, L, D]
-    negative_embeds: torch.Tensor  # [N, L, D]
+    prompt_embeds: torch.Tensor | None  # [N, L, D] (sd; None for flow models, see `conditioning`)
+    negative_embeds: torch.Tensor | None  # [N, L, D]
     images: torch.Tensor  # [N, 3, H, W]
     rewards: torch.Tensor  # [N]
     advantages: torch.Tensor | None = None  # [N, K]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)  # flow: the family's, batch-first
+    sigmas: torch.Tensor | None = None  # [N, K] flow: sigma and sigma' of each step, as sampled
+    sigmas_next: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -60,40 +66,17 @@ class Rollout:
         self.unet.eval()
         parts: list[dict] = []
         embed_steps = embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride)
-        embed_at = set(embed_steps)
-        for _ in range(cfg.batches_per_epoch):
+        grouped = self.epoch_prompts(prompt_rng) if self.cfg.algorithm.name == "grpo" else None
+        for b in range(cfg.batches_per_epoch):
             start = time.perf_counter()
-            prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
-            embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
-            negative = self.negative_embed.expand(len(prompts), -1, -1)
-            critic_inputs: list[torch.Tensor] = []
-
-            def store(k: int, x_t: torch.Tensor, critic_inputs=critic_inputs) -> None:
-                if k in embed_at:
-                    critic_inputs.append(self.critic_input(x_t))
-            traj = sample_trajectories(
-                self.policy,
-                self.pipe.vae,
-                self.scheduler,
-                embeds,
-                negative,
-                num_steps=cfg.num_steps,
-                guidance_scale=cfg.guidance_scale,
-                eta=cfg.eta,
-                resolution=cfg.resolution,
-                generator=generator,
-                autocast_dtype=self.autocast_dtype,
-                before_step=store if self.critics else None,
-                progress=self._progress(),
-            )
-            extras = {}
-            if self.critics is not None:
-                extras["critic_inputs"] = interpolate_step_embeddings(
-                    embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps
-                )
-                extras["old_values"] = self.accelerator.unwrap_model(self.critics).eval()(extras["critic_inputs"])
-                if self.cfg.algorithm.critic.kl_coef > 0:
-                    extras["ref_log_probs"] = self.reference_log_probs(traj)
+            if grouped is not None:
+                prompts = grouped[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            else:
+                prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
+            if self.is_flow:
+                traj, extras = self._sample_flow(prompts, generator, embed_steps)
+            else:
+                traj, extras = self._sample_sd(prompts, generator, embed_steps)
             times.sampling += time.perf_counter() - start
             start = time.perf_counter()
             scores = [check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)]
@@ -104,23 +87,107 @@ class Rollout:
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
             fault_point("sample")
             self.safe_point(epoch)
+        return self._epoch_samples(parts)
+
+    def epoch_prompts(self, prompt_rng: np.random.Generator) -> list[str]:
+        """GRPO: this process's prompts of the epoch, each `group_size` times in a row (groups are never split
+        across processes; batches may split them, the advantages are computed over the whole epoch)."""
+        cfg = self.cfg.sampling
+        size = self.cfg.algorithm.group.group_size
+        drawn = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size * cfg.batches_per_epoch // size)]
+        return group_prompts(drawn, size)
+
+    def _sample_sd(self, prompts: list[str], generator: torch.Generator, embed_steps: list[int]):
+        """One batch of the sd family: DDIM trajectories, critic inputs of the decoded x_t."""
+        cfg = self.cfg.sampling
+        embed_at = set(embed_steps)
+        embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
+        negative = self.negative_embed.expand(len(prompts), -1, -1)
+        critic_inputs: list[torch.Tensor] = []
+
+        def store(k: int, x_t: torch.Tensor, critic_inputs=critic_inputs) -> None:
+            if k in embed_at:
+                critic_inputs.append(self.critic_input(x_t))
+        traj = sample_trajectories(
+            self.policy,
+            self.pipe.vae,
+            self.scheduler,
+            embeds,
+            negative,
+            num_steps=cfg.num_steps,
+            guidance_scale=cfg.guidance_scale,
+            eta=cfg.eta,
+            resolution=cfg.resolution,
+            generator=generator,
+            autocast_dtype=self.autocast_dtype,
+            before_step=store if self.critics else None,
+            progress=self._progress(),
+        )
+        extras = {}
+        if self.critics is not None:
+            extras["critic_inputs"] = interpolate_step_embeddings(
+                embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps
+            )
+            extras["old_values"] = self.accelerator.unwrap_model(self.critics).eval()(extras["critic_inputs"])
+            if self.cfg.algorithm.critic.kl_coef > 0:
+                extras["ref_log_probs"] = self.reference_log_probs(traj)
+        return traj, extras
+
+    def _sample_flow(self, prompts: list[str], generator: torch.Generator, embed_steps: list[int]):
+        """One batch of a flow family: SDE trajectories; the critic's state is the decoded x0_hat (from the
+        model output the step already computed) or the decoded x_t, with sigma as an extra input."""
+        cfg = self.cfg.sampling
+        embed_at = set(embed_steps)
+        critic_inputs: list[torch.Tensor] = []
+        use_x0 = self.cfg.algorithm.critic.flow_state == "x0_hat"
+
+        def after_model(step: Step, x_t: torch.Tensor, out: torch.Tensor) -> None:
+            if step.index in embed_at:
+                critic_inputs.append(self.tower.embed(self.family.decode(self.family.predicted_clean(out, step, x_t))))
+
+        def before_step(k: int, x_t: torch.Tensor) -> None:
+            if k in embed_at:
+                critic_inputs.append(self.tower.embed(self.family.decode(x_t)))
+
+        critic = self.critics is not None
+        traj = sample_rollout(
+            self.family, self.family.encode(prompts, cfg.negative_prompt), num_steps=cfg.num_steps,
+            guidance_scale=cfg.guidance_scale, resolution=cfg.resolution, generator=generator,
+            autocast_dtype=self.autocast_dtype, before_step=before_step if critic and not use_x0 else None,
+            after_model=after_model if critic and use_x0 else None, progress=self._progress(),
+        )
+        extras = {}
+        if critic:
+            embedded = interpolate_step_embeddings(embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps)
+            extras["critic_inputs"] = torch.cat([embedded, traj.sigmas[..., None].to(embedded)], dim=-1)
+            extras["old_values"] = self.accelerator.unwrap_model(self.critics).eval()(extras["critic_inputs"])
+            if self.cfg.algorithm.critic.kl_coef > 0:
+                extras["ref_log_probs"] = self.reference_log_probs(traj)
+        return traj, extras
+
+    def _epoch_samples(self, parts: list[dict]) -> EpochSamples:
+        """The batches of an epoch as one `EpochSamples` (sample axis first)."""
         def cat(get) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
 
+        flow = self.is_flow
         return EpochSamples(
             prompts=[q for p in parts for q in p["prompts"]],
             latents=cat(lambda p: p["traj"].latents[:, :-1]),
             next_latents=cat(lambda p: p["traj"].latents[:, 1:]),
             timesteps=cat(lambda p: p["traj"].timesteps),
             log_probs=cat(lambda p: p["traj"].log_probs),
-            prompt_embeds=cat(lambda p: p["traj"].prompt_embeds),
-            negative_embeds=cat(lambda p: p["traj"].negative_embeds),
+            prompt_embeds=None if flow else cat(lambda p: p["traj"].prompt_embeds),
+            negative_embeds=None if flow else cat(lambda p: p["traj"].negative_embeds),
             images=cat(lambda p: p["traj"].images),
             rewards=cat(lambda p: p["rewards"][:, 0]),
             extras={
                 "all_rewards": cat(lambda p: p["rewards"]),
                 **{name: cat(lambda p, name=name: p["extras"][name]) for name in parts[0]["extras"]},
             },
+            conditioning={k: cat(lambda p, k=k: p["traj"].conditioning[k]) for k in parts[0]["traj"].conditioning} if flow else {},
+            sigmas=cat(lambda p: p["traj"].sigmas) if flow else None,
+            sigmas_next=cat(lambda p: p["traj"].sigmas_next) if flow else None,
         )
 
     @torch.no_grad()
@@ -133,13 +200,19 @@ class Rollout:
         """log pi_ref of each sampled step under the frozen base policy (for the per-step KL penalty)."""
         unet = self.policy
         model = self.reference_unet or unet
-        batch = {"latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:], "timesteps": traj.timesteps,
-                 "prompt_embeds": traj.prompt_embeds, "negative_embeds": traj.negative_embeds}
+        batch = {"latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:], "timesteps": traj.timesteps}
+        if self.is_flow:  # only the stochastic steps have a density; the ODE steps' reference log-prob is 0
+            batch |= {"sigmas": traj.sigmas, "sigmas_next": traj.sigmas_next,
+                      **{f"cond.{k}": v for k, v in traj.conditioning.items()}}
+        else:
+            batch |= {"prompt_embeds": traj.prompt_embeds, "negative_embeds": traj.negative_embeds}
         if self.reference_unet is None:
             unet.disable_adapters()
         try:
             steps = traj.timesteps.shape[1]
-            return torch.stack([self.policy_log_prob(batch, slice(None), k, model) for k in range(steps)], dim=1)
+            zero = torch.zeros_like(traj.log_probs[:, 0])
+            return torch.stack([self.policy_log_prob(batch, slice(None), k, model) if k in self.trainable_set else zero
+                                for k in range(steps)], dim=1)
         finally:
             if self.reference_unet is None:
                 unet.enable_adapters()

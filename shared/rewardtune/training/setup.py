@@ -20,10 +20,11 @@ from rewardtune.diffusion import (
     encode_prompts,
 )
 from rewardtune.errors import RewardtuneError
+from rewardtune.families import make_family
 from rewardtune.kl import KLController
 from rewardtune.lagrangian import DualState
 from rewardtune.metrics import MetricsLog
-from rewardtune.models import load_pipeline, prepare_policy
+from rewardtune.models import load_pipeline, prepare_policy, resolve_model_dir
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward
 
@@ -49,7 +50,12 @@ class RunSetup:
         self.out_dir = Path(out_dir)
         device = resolve_device(cfg.device)
         k = cfg.sampling.num_steps
-        self.num_train_steps = max(1, int(k * cfg.training.timestep_fraction))
+        self.is_flow = cfg.model.family != "sd"
+        # the trainable (stochastic) steps: all of sd's; a flow model's SDE steps (its ODE steps have no density)
+        flags = cfg.sampling.flow.stochastic_steps(k) if self.is_flow else [True] * k
+        self.trainable_steps = [i for i, stochastic in enumerate(flags) if stochastic]
+        self.trainable_set = set(self.trainable_steps)
+        self.num_train_steps = max(1, int(len(self.trainable_steps) * cfg.training.timestep_fraction))
         # time-major loops (TDPO) step the optimizer within one time column; DDPO accumulates over steps too
         self.time_major = cfg.algorithm.uses_critic
         accumulation = cfg.training.gradient_accumulation_steps * (1 if self.time_major else self.num_train_steps)
@@ -70,10 +76,7 @@ class RunSetup:
             torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.training.seed)
 
-        self.pipe = load_pipeline(cfg.model)
-        self.trainable = prepare_policy(self.pipe, cfg.model, self.device, cfg.training.gradient_checkpointing)
-        self.scheduler = self.pipe.scheduler
-        self.scheduler.set_timesteps(k, device=self.device)
+        self._load_policy()
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
         self._check_prompt_lengths()
         self.reward_fn = build_reward(cfg.reward, self.device)
@@ -88,7 +91,7 @@ class RunSetup:
         if algo.uses_critic:
             self.tower = self._load_critic_tower()
             self.critics = Critics(
-                self.reward_names, self.tower.dim, algo.critic.hidden_sizes, algo.critic.dropout, cfg.training.seed
+                self.reward_names, self.tower.dim + int(self.is_flow), algo.critic.hidden_sizes, algo.critic.dropout, cfg.training.seed
             ).to(self.device)
             groups.append({"params": list(self.critics.parameters()), "lr": algo.critic.learning_rate, "name": "critic"})
         self.reference_unet = self._reference_policy() if algo.uses_critic and algo.critic.kl_coef > 0 else None
@@ -100,13 +103,14 @@ class RunSetup:
             eps=cfg.training.adam_epsilon,
         )
         if self.critics is not None:
-            self.unet, self.critics, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.critics, self.optimizer)
+            self.unet, self.critics, self.optimizer = self.accelerator.prepare(self.denoiser, self.critics, self.optimizer)
         else:
-            self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
+            self.unet, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
         self.dual = DualState(integral=[c.initial_multiplier for c in self.constraints])
         self.thresholds: list[float | None] = [c.threshold for c in self.constraints]
         self.previous_dormant: dict[str, torch.Tensor] = {}
-        self.negative_embed = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sampling.negative_prompt])
+        if not self.is_flow:  # a flow family encodes the negative prompt with each batch (pooled + sequence)
+            self.negative_embed = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sampling.negative_prompt])
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.checkpoint_dir = self.out_dir / "checkpoints"
@@ -118,6 +122,29 @@ class RunSetup:
         self.last_epoch_s: float | None = None  # wall time of the last full epoch, checkpoint included
 
     # ------------------------------------------------------------------ setup helpers
+    def _load_policy(self) -> None:
+        """The pipeline of `model.family`, its trainable parameters, and the `PolicyFamily` that drives it.
+
+        `self.unet` (set by `_build`) is the accelerator-prepared denoiser: the UNet (sd) or transformer (flow).
+        """
+        cfg = self.cfg
+        if self.is_flow:
+            from rewardtune.families.flow import load_flow_pipeline, prepare_flow_policy
+
+            self.pipe = load_flow_pipeline(resolve_model_dir(cfg.model.source, cfg.model.revision, cfg.model.family),
+                                           cfg.model.family)
+            self.trainable = prepare_flow_policy(self.pipe, cfg.model, self.device, cfg.training.gradient_checkpointing)
+            self.denoiser = self.pipe.transformer
+        else:
+            self.pipe = load_pipeline(cfg.model)
+            self.trainable = prepare_policy(self.pipe, cfg.model, self.device, cfg.training.gradient_checkpointing)
+            self.denoiser = self.pipe.unet
+        self.scheduler = self.pipe.scheduler
+        if not self.is_flow:
+            self.scheduler.set_timesteps(cfg.sampling.num_steps, device=self.device)
+        # samples through the unwrapped denoiser; the PPO loop passes the prepared one (`model=self.unet`)
+        self.family = make_family(self.pipe, eta=cfg.sampling.eta, flow=cfg.sampling.flow)
+
     def _check_prompt_lengths(self) -> None:
         tokenizer = self.pipe.tokenizer
         limit = tokenizer.model_max_length
@@ -150,11 +177,11 @@ class RunSetup:
             return None
         import copy
 
-        return copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
+        return copy.deepcopy(self.denoiser).requires_grad_(False).eval()
 
     @property
     def policy(self) -> torch.nn.Module:
-        """The UNet itself: under DDP `self.unet` is a wrapper without `.config` (sampling and probes need no gradient sync)."""
+        """The UNet (or transformer) itself: under DDP `self.unet` is a wrapper without `.config` (sampling and probes need no gradient sync)."""
         return self.accelerator.unwrap_model(self.unet)
 
     @property
