@@ -175,6 +175,7 @@ class TRL(Contender):
             lambda: (rng.choice(prompts), {}),
             pipeline,
         )
+        pipeline.set_progress_bar_config(disable=True)  # as ours: no per-step bars in a benchmark's output
         self.gradient_plugin = dict(self.trainer.accelerator.gradient_state.plugin_kwargs)
         self.batches = config.sample_num_batches_per_epoch
         self.global_step = 0
