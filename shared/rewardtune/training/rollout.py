@@ -12,6 +12,7 @@ import torch
 
 from rewardtune.critic import embedded_steps, interpolate_step_embeddings
 from rewardtune.diffusion import (
+    PromptEmbeddingCache,
     decode_latents,
     encode_prompts,
     sample_trajectories,
@@ -66,6 +67,9 @@ class Rollout:
         self.unet.eval()
         parts: list[dict] = []
         embed_steps = embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride)
+        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        self._encode = (PromptEmbeddingCache(tokenizer, text_encoder) if self.cfg.performance.cache_prompt_embeds
+                        else lambda prompts: encode_prompts(tokenizer, text_encoder, prompts))
         grouped = self.epoch_prompts(prompt_rng) if self.cfg.algorithm.name == "grpo" else None
         for b in range(cfg.batches_per_epoch):
             start = time.perf_counter()
@@ -101,7 +105,7 @@ class Rollout:
         """One batch of the sd family: DDIM trajectories, critic inputs of the decoded x_t."""
         cfg = self.cfg.sampling
         embed_at = set(embed_steps)
-        embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
+        embeds = self._encode(prompts)
         negative = self.negative_embed.expand(len(prompts), -1, -1)
         critic_inputs: list[torch.Tensor] = []
 
@@ -122,6 +126,7 @@ class Rollout:
             autocast_dtype=self.autocast_dtype,
             before_step=store if self.critics else None,
             progress=self._progress(),
+            sync_free=self.cfg.performance.sync_free_steps,
         )
         extras = {}
         if self.critics is not None:

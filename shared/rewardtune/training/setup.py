@@ -24,7 +24,7 @@ from rewardtune.families import make_family
 from rewardtune.kl import KLController
 from rewardtune.lagrangian import DualState
 from rewardtune.metrics import MetricsLog
-from rewardtune.models import load_pipeline, prepare_policy, resolve_model_dir
+from rewardtune.models import apply_performance, load_pipeline, prepare_policy, resolve_model_dir
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward
 
@@ -138,6 +138,7 @@ class RunSetup:
         else:
             self.pipe = load_pipeline(cfg.model)
             self.trainable = prepare_policy(self.pipe, cfg.model, self.device, cfg.training.gradient_checkpointing)
+            apply_performance(self.pipe, cfg.performance)
             self.denoiser = self.pipe.unet
         self.scheduler = self.pipe.scheduler
         if not self.is_flow:
