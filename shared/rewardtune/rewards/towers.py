@@ -132,6 +132,19 @@ def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.
     Accepts a transformers CLIP directory (CLIPModel or CLIPVisionModelWithProjection), a reward directory
     bundling one under `clip/` (aesthetic, ImageReward), or an HPSv2 open_clip checkpoint directory.
     """
+    from rewardtune.errors import RewardtuneError
+
+    try:
+        return _load_clip_image_tower(source, device, dtype)
+    except RewardtuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged model files fail in many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RewardError(f"image tower {source} could not be loaded ({type(err).__name__}: {first}); check the "
+                          "source and its files") from None
+
+
+def _load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.dtype) -> ClipImageTower:
     device = torch.device(device)
     ref = tower_ref(source)
     directory = resolve_local(ref.source, ref.revision, ref.files)
