@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from rewardtune.checkpoint import MANIFEST, list_checkpoints, sha256_file, verify_checkpoint
@@ -42,8 +42,9 @@ ROOT = os.geteuid() == 0
 
 def fuzz_settings(examples: int):
     """Fixed seed and no example database by default (reproducible, writes nothing); random in the long profile."""
+    phases = (Phase.explicit, Phase.generate) if LONG else tuple(Phase)  # a bounded long run: report, don't shrink
     return settings(max_examples=examples * SCALE, derandomize=not LONG, database=None, deadline=None,
-                    print_blob=True, suppress_health_check=list(HealthCheck))
+                    print_blob=True, suppress_health_check=list(HealthCheck), phases=phases)
 
 
 # ------------------------------------------------------------------------------------------------ the contract
@@ -63,8 +64,16 @@ def snapshot(roots: list[Path], skip: Path | None = None) -> dict[str, tuple[int
     return state
 
 
+def checkpoint_stamps(out: Path | None) -> dict[str, int]:
+    """Checkpoint name -> its manifest's mtime: which checkpoints a command wrote (damaged inputs stay damaged)."""
+    root = out / "checkpoints" if out is not None else None
+    if root is None or not root.is_dir():
+        return {}
+    return {p.name: (p / MANIFEST).stat().st_mtime_ns if (p / MANIFEST).is_file() else 0 for p in list_checkpoints(root)}
+
+
 def check_contract(kind: str, result, watched_before, watched: list[Path], out: Path | None,
-                   epochs: int | None = None) -> None:
+                   epochs: int | None = None, stamps_before: dict[str, int] | None = None) -> None:
     """Assert the CLI contract for one case (and log it)."""
     lines = result.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
@@ -83,9 +92,9 @@ def check_contract(kind: str, result, watched_before, watched: list[Path], out: 
         checkpoints = out / "checkpoints"
         if checkpoints.is_dir():
             assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-")], f"[{kind}] temp left"
-            for path in list_checkpoints(checkpoints):
-                if path.name.startswith("epoch-") and result.returncode == 0:
-                    verify_checkpoint(path)
+            for name, stamp in checkpoint_stamps(out).items():  # every checkpoint this command wrote is complete
+                if (stamps_before or {}).get(name) != stamp:
+                    verify_checkpoint(checkpoints / name)
         if result.returncode == 0 and epochs is not None:
             records = MetricsLog(out / "metrics.jsonl").read()
             seen = [r["epoch"] for r in records]
@@ -148,9 +157,9 @@ class Sandbox:
 
     def run(self, kind: str, argv: list[str], base: dict, out: Path | None = None, epochs: int | None = None):
         watched = [*base["watched"], self.root]
-        before = snapshot(watched, skip=out)
+        before, stamps = snapshot(watched, skip=out), checkpoint_stamps(out)
         result = run_main(argv, self.env)
-        check_contract(kind, result, before, watched, out, epochs)
+        check_contract(kind, result, before, watched, out, epochs, stamps)
         return result
 
 

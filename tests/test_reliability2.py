@@ -268,7 +268,7 @@ def test_evaluate_refuses_checkpoints_of_another_base_model(ctx, tiny_model_dir)
 
 # ---------------------------------------------------------------------------------------------- 6. non-finite values
 def _float_fields(model=None, prefix="") -> list[str]:
-    from typing import get_args
+    from typing import get_args, get_origin
 
     from pydantic import BaseModel
 
@@ -281,7 +281,7 @@ def _float_fields(model=None, prefix="") -> list[str]:
         nested = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
         if nested is not None and "list" not in str(field.annotation):
             found += _float_fields(nested, f"{prefix}{name}.")
-        elif float in kinds:
+        elif float in kinds and get_origin(field.annotation) is not list:
             found.append(prefix + name)
     return found
 
