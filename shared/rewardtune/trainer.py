@@ -50,6 +50,7 @@ class Trainer(RunSetup, Rollout, AdvantageEstimation, Optimization, ResetsAndDua
             advantage_stats = self.compute_advantages(samples)
             t0 = time.perf_counter()
             stats = {**advantage_stats, **self.train_epoch(samples, epoch)}
+            self.step_health.check(epoch, stats, self.trained_parameters())
             times.training = time.perf_counter() - t0
             self.epochs_done = epoch + 1
             if self.critics is not None:  # over all processes' (sample, step) pairs

@@ -130,8 +130,18 @@ def reward_names() -> list[str]:
 
 
 def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward:
+    """The reward's callable; a source that cannot be loaded (damaged, unreadable, wrong kind) is one line."""
+    from rewardtune.errors import RewardtuneError
+
     _load_builtin()
-    return _REGISTRY[spec.name](spec, torch.device(device))
+    try:
+        return _REGISTRY[spec.name](spec, torch.device(device))
+    except RewardtuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - model files fail in many types; the user needs the source named
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RewardError(f"reward '{spec.name}' could not be loaded from {spec.source or 'its default source'} "
+                          f"({type(err).__name__}: {first}); check reward.source and its files") from None
 
 
 def check_finite(name: str, scores: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -27,6 +27,14 @@ from rewardtune.checkpoint import (
 from rewardtune.errors import CheckpointError, RewardtuneError, Terminated
 from rewardtune.lagrangian import DualState
 from rewardtune.models import load_policy_weights, save_policy
+from rewardtune.resume_policy import (
+    apply_optimizer_settings,
+    check_epochs,
+    check_resume,
+    fresh_start_warning,
+    loading_checkpoint,
+    record_resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +138,21 @@ class Lifecycle:
                     f"checkpoint {path} was trained with {key}={found.get(key)!r}, this config has {expected[key]!r}; "
                     "resume with the original config or use a new --out directory"
                 )
-        self._load_policy_weights(path)
-        if self.critics is not None:
-            self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
-        try:
-            self.optimizer.load_state_dict(load_optimizer_state(path / "optimizer.pt"))
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {path}: optimizer.pt does not fit this run's parameters ({_first_line(err)}); "
-                                  "resume with the original config or start a new --out") from None
-        self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
+        changes = check_resume(path, self.cfg)
+        with loading_checkpoint(path):
+            self._load_policy_weights(path)
+            if self.critics is not None:
+                self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
+            try:
+                self.optimizer.load_state_dict(load_optimizer_state(path / "optimizer.pt"))
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"checkpoint {path}: optimizer.pt does not fit this run's parameters "
+                                      f"({_first_line(err)}); resume with the original config or start a new --out") from None
+            self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
+        apply_optimizer_settings(self.optimizer, self.cfg)
+        check_epochs(path, self.epochs_done, self.cfg.training.epochs)
+        if changes and self.is_main:
+            record_resume(self.out_dir, path, self.epochs_done, changes)
 
     # ------------------------------------------------------------------ termination (SIGTERM)
     def _on_sigterm(self, signum: int, frame: object) -> None:
@@ -246,6 +260,8 @@ class Lifecycle:
             if found is not None:
                 self.load(*found)
                 log.info("resumed from %s at epoch %d", found[0], self.epochs_done)
+            else:
+                log.warning(fresh_start_warning(self.checkpoint_dir))
         elif list_checkpoints(self.checkpoint_dir):
             raise RewardtuneError(
                 f"{self.out_dir} already holds checkpoints; pass --resume to continue that run or choose a new --out"

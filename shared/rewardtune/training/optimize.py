@@ -188,7 +188,15 @@ class Optimization:
         The official TDPO code unscales the critic twice under fp16; this does not.
         """
         self.accelerator.unscale_gradients()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)
+        norms = [torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)]
         if self.critics is not None:
-            torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm)
+            norms.append(torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm))
+        self.step_health.record(norms)
+
+    def trained_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of everything the optimizer updates: what must stay finite."""
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.unet).named_parameters() if p.requires_grad]
+        if self.critics is not None:
+            named += [(f"critic.{n}", p) for n, p in self.accelerator.unwrap_model(self.critics).named_parameters()]
+        return named
 

@@ -21,6 +21,7 @@ from rewardtune.families.base import Step
 from rewardtune.families.rollout import sample_rollout
 from rewardtune.faults import fault_point
 from rewardtune.group_advantages import group_prompts
+from rewardtune.numerics import check_images
 from rewardtune.rewards import check_finite
 from rewardtune.training.setup import epoch_seed
 
@@ -83,6 +84,7 @@ class Rollout:
                 traj, extras = self._sample_sd(prompts, generator, embed_steps)
             times.sampling += time.perf_counter() - start
             start = time.perf_counter()
+            check_images(traj.images, prompts, epoch, self.trained_parameters() if self.epochs_done else None)
             scores = [check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)]
             for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
                 scores.append(check_finite(spec.reward.name, fn(traj.images, prompts).float(), prompts))

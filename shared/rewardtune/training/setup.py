@@ -25,6 +25,7 @@ from rewardtune.kl import KLController
 from rewardtune.lagrangian import DualState
 from rewardtune.metrics import MetricsLog
 from rewardtune.models import apply_performance, load_pipeline, prepare_policy, resolve_model_dir
+from rewardtune.numerics import StepHealth
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward
 
@@ -120,6 +121,7 @@ class RunSetup:
         self.term_requested_at: float | None = None  # monotonic time of SIGTERM
         self.epoch_started_at = 0.0
         self.last_epoch_s: float | None = None  # wall time of the last full epoch, checkpoint included
+        self.step_health = StepHealth(cfg.training.mixed_precision)
 
     # ------------------------------------------------------------------ setup helpers
     def _load_policy(self) -> None:
