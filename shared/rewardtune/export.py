@@ -120,7 +120,9 @@ def model_card(cfg: Any, chosen: str, reason: str, records: list[dict[str, Any]]
         + (f", LoRA rank {cfg.model.lora_rank}" if cfg.model.finetune == "lora" else "") + ")",
         f"- **Training reward:** {cfg.reward.name}; **constraints:** {constraints}",
         f"- **Checkpoint:** {chosen}: {reason}.",
-        "- **Weights:** " + ("LoRA fused into the UNet" if merged or cfg.model.finetune == "full"
+        "- **Weights:** " + ("the base model unchanged: no checkpoint qualified" if chosen == "base"
+                             else "fine-tuned UNet" if cfg.model.finetune == "full"
+                             else "LoRA fused into the UNet" if merged
                              else f"base UNet + LoRA adapter in `{LORA_DIR}/` (`pipe.load_lora_weights(dir + '/{LORA_DIR}')`)"),
         f"- **License:** {license_id or 'unknown: the base model card gave none; check the base model terms'}",
         "",
@@ -149,25 +151,27 @@ def model_card(cfg: Any, chosen: str, reason: str, records: list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------- the pipeline
-def _load_policy(cfg: Any, checkpoint: Path):
-    """The base pipeline with the checkpoint's policy weights in its UNet (LoRA as a peft adapter)."""
+def _load_policy(cfg: Any, checkpoint: Path | None):
+    """The base pipeline with the checkpoint's policy weights in its UNet (LoRA as a peft adapter); None: base."""
     import torch
 
     from rewardtune.models import load_pipeline, load_policy_weights, prepare_policy
 
     pipe = load_pipeline(cfg.model)
+    if checkpoint is None:
+        return pipe
     prepare_policy(pipe, cfg.model, torch.device("cpu"), gradient_checkpointing=False)
     load_policy_weights(pipe.unet, cfg.model, checkpoint)
     pipe.unet.requires_grad_(False).eval()
     return pipe
 
 
-def write_pipeline(cfg: Any, checkpoint: Path, out: Path, merge: bool) -> None:
-    """Save the exported pipeline into `out` (a fresh directory)."""
+def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) -> None:
+    """Save the exported pipeline into `out` (a fresh directory); checkpoint None: the base model unchanged."""
     import torch
 
     pipe = _load_policy(cfg, checkpoint)
-    if cfg.model.finetune == "lora":
+    if checkpoint is not None and cfg.model.finetune == "lora":
         if merge:
             pipe.unet.fuse_lora(lora_scale=1.0)  # W += scale * B A with peft's alpha / r, as in training
             pipe.unet.unload_lora()
@@ -197,16 +201,16 @@ def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, m
         raise RewardtuneError(f"--eval {eval_dir} is not a directory")
     records = read_evaluations(Path(eval_dir)) if eval_dir is not None else []
     chosen, reason = select_checkpoint(run_dir, records, select)
-    checkpoint = run_dir / "checkpoints" / chosen
-    if chosen == "base":
-        raise RewardtuneError(f"--select {select} chose the base model: no checkpoint {reason.split(' (')[0].lower()} "
-                              "beats it; there is nothing fine-tuned to export")
-    verify_checkpoint(checkpoint)
+    checkpoint = None if chosen == "base" else run_dir / "checkpoints" / chosen
+    if checkpoint is None:  # the rule says no fine-tuned checkpoint is better: ship the base model, and say so
+        log.warning("--select %s chose the base model: no checkpoint qualified; exporting the base pipeline", select)
+    else:
+        verify_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_pipeline(cfg, checkpoint, tmp, merge)
-        merged = merge or cfg.model.finetune == "full"
+        merged = checkpoint is not None and (merge or cfg.model.finetune == "full")
         (tmp / "README.md").write_text(model_card(cfg, chosen, reason, records, merged, base_license(cfg.model.source)))
         summary = {"checkpoint": chosen, "select": select, "reason": reason, "merged": merged,
                    "base_model": cfg.model.source, "algorithm": cfg.algorithm.name, "reward": cfg.reward.name}
