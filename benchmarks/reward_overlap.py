@@ -40,7 +40,7 @@ def run(workers: int, model: Path, code: Path, out: Path, args: argparse.Namespa
     data["logging"] = {"progress_bars": False}
     data["reward"] = {"name": "python", "options": {"callable": "slow_reward:slow_brightness", "path": str(code)}}
     data["sampling"] |= {"batches_per_epoch": args.batches, "reward_workers": workers}
-    data["training"] |= {"epochs": args.epochs}
+    data["training"] |= {"epochs": args.epochs, "gradient_accumulation_steps": 1}
     data["checkpointing"] = {"every_epochs": args.epochs, "keep_last": 1}
     Trainer(parse_config(data), out).run()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
