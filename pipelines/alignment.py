@@ -9,6 +9,7 @@ from kfp.dsl import Model
 
 from components.cache_models.component import cache_models
 from components.evaluate.component import evaluate
+from components.export.component import export
 from components.images import DEFAULT_TAG, image_repo
 from components.prepare_prompts.component import prepare_prompts
 from components.record_status.component import record_status
@@ -25,6 +26,7 @@ S3_SECRET_KEYS = {
     "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
 }
+HF_SECRET = "rewardtune-hf"  # optional: HF_TOKEN for export's --push-to-hub
 GPU_TAINT = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAIN_RETRIES = 3
@@ -72,6 +74,8 @@ def alignment_pipeline(
     checkpoint_pvc: str = "rewardtune-checkpoints",
     model_cache_pvc: str = "rewardtune-model-cache",
     model_cache_uri: str = CACHE_MOUNT,
+    export_select: str = "best-heldout",
+    push_to_hub: str = "",
 ):
     """`config` is YAML text or a URI (path, file://, s3://); empty algorithm/base_model/reward/epochs keep the config's.
 
@@ -112,6 +116,16 @@ def alignment_pipeline(
 
         rep = report(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]))
         _image(rep, "cpu", image_tag)
+
+        # export (issue 17): the checkpoint chosen by held-out evaluation, as a KFP Model (a diffusers pipeline)
+        shipped = export(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]),
+                         select=export_select, merge=True, push_to_hub=push_to_hub).after(rep)
+        _image(shipped, "trainer", image_tag)
+        shipped.set_memory_request("16G")
+        kubernetes.mount_pvc(shipped, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
+        _use_s3(shipped)
+        kubernetes.use_secret_as_env(shipped, secret_name=HF_SECRET, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"},
+                                     optional=True)
 
 
 @dsl.pipeline(name=f"{PIPELINE_NAME}-train-only", description="The sub-DAG whose stages exist today: prepare-prompts -> train.")

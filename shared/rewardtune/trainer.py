@@ -98,9 +98,11 @@ class Trainer(RunSetup, Rollout, AdvantageEstimation, Optimization, ResetsAndDua
             "images_per_s": epoch_images / (time.perf_counter() - start),
             "time_sampling_s": times.sampling,
             "time_reward_s": times.reward,
+            "time_reward_wait_s": times.reward_wait,
             "time_training_s": times.training,
         }
         if self.is_main:
             self.metrics.append(record)
+            self.tracker.log_epoch(record, samples.images, samples.prompts, samples.rewards)
             log.info("epoch %d: reward %.4f ± %.4f, kl %.2e, clipfrac %.3f", epoch, record["reward_mean"],
                      record["reward_std"], record["approx_kl"], record["clipfrac"])

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 from safetensors.torch import load_file, save_file
 
 from rewardtune.checkpoint import (
@@ -195,35 +196,31 @@ class Lifecycle:
         votes = self.accelerator.gather(vote)
         return bool(votes[:, 0].max() > 0), bool(votes[:, 1].min() > 0)
 
-    def _lock_out_dir(self) -> int:
-        """An exclusive lock on the run directory, held for the whole run.
+    def _lock_out_dir(self) -> FileLock:
+        """An exclusive lock on the run directory, held for the whole run (filelock: flock on POSIX).
 
         A retried pod can start while the old one is still inside its termination grace, writing its last
         checkpoint; the new one waits up to `checkpointing.lock_wait_s` for it instead of writing alongside.
         """
-        import fcntl
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / ".rewardtune.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.cfg.checkpointing.lock_wait_s
-        waiting = False
-        while True:
+        lock = FileLock(path, mode=0o644)
+        wait = self.cfg.checkpointing.lock_wait_s
+        try:
+            lock.acquire(timeout=0)
+        except FileLockTimeout:
+            if wait > 0:
+                log.warning("%s is locked by another run; waiting up to %g s", self.out_dir, wait)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise RewardtuneError(
-                        f"{self.out_dir} is in use by another `rewardtune train` (lock {path.name} held for "
-                        f"{self.cfg.checkpointing.lock_wait_s:g} s); wait for it to end or choose another --out"
-                    ) from None
-                if not waiting:
-                    log.warning("%s is locked by another run; waiting up to %g s", self.out_dir,
-                                self.cfg.checkpointing.lock_wait_s)
-                    waiting = True
-                time.sleep(0.2)
+                if wait <= 0:
+                    raise
+                lock.acquire(timeout=wait, poll_interval=0.2)
+            except FileLockTimeout:
+                raise RewardtuneError(
+                    f"{self.out_dir} is in use by another `rewardtune train` (lock {path.name} held for "
+                    f"{wait:g} s); wait for it to end or choose another --out"
+                ) from None
+        return lock
 
     # ------------------------------------------------------------------ the job
     def run(self, resume: bool = False) -> Path:
@@ -244,8 +241,9 @@ class Lifecycle:
             # way out of a clean stop: they keep this (recording, not killing) handler until they exit.
             if handler_installed and not (stopped and self.accelerator.num_processes > 1):
                 signal.signal(signal.SIGTERM, previous)
+            self.tracker.finish()
             if lock is not None:
-                os.close(lock)  # releases the flock
+                lock.release()
 
 
     def _start(self, resume: bool) -> None:
@@ -270,3 +268,4 @@ class Lifecycle:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate_to(self.epochs_done)
             write_text_atomic(self.out_dir / "config.yaml", cfg.to_yaml())
+        self.tracker.start(self.epochs_done)

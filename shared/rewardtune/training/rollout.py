@@ -52,7 +52,8 @@ class EpochSamples:
 @dataclass
 class EpochTimes:
     sampling: float = 0.0
-    reward: float = 0.0
+    reward: float = 0.0  # computing rewards (in the reward thread, overlapping sampling)
+    reward_wait: float = 0.0  # waiting for rewards after the last batch sampled: what the overlap did not hide
     training: float = 0.0
 
 
@@ -83,17 +84,27 @@ class Rollout:
             else:
                 traj, extras = self._sample_sd(prompts, generator, embed_steps)
             times.sampling += time.perf_counter() - start
-            start = time.perf_counter()
             check_images(traj.images, prompts, epoch, self.trained_parameters() if self.epochs_done else None)
-            scores = [check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)]
-            for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
-                scores.append(check_finite(spec.reward.name, fn(traj.images, prompts).float(), prompts))
-            times.reward += time.perf_counter() - start
-            rewards = torch.stack([score.to(self.device) for score in scores], dim=1)
+            # scored in the reward thread while the next batch samples (ddpo-pytorch's executor)
+            rewards = self.reward_pool.submit(self.score_batch, traj.images, prompts, times)
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
             fault_point("sample")
             self.safe_point(epoch)
+        start = time.perf_counter()
+        for part in parts:
+            part["rewards"] = part["rewards"].result()
+        times.reward_wait += time.perf_counter() - start
         return self._epoch_samples(parts)
+
+    @torch.no_grad()
+    def score_batch(self, images: torch.Tensor, prompts: list[str], times: EpochTimes) -> torch.Tensor:
+        """[B, 1 + constraints] rewards of one sampled batch; raises (never guesses) when a reward fails."""
+        start = time.perf_counter()
+        scores = [check_finite(self.cfg.reward.name, self.reward_fn(images, prompts).float(), prompts)]
+        for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
+            scores.append(check_finite(spec.reward.name, fn(images, prompts).float(), prompts))
+        times.reward += time.perf_counter() - start
+        return torch.stack([score.to(self.device) for score in scores], dim=1)
 
     def epoch_prompts(self, prompt_rng: np.random.Generator) -> list[str]:
         """GRPO: this process's prompts of the epoch, each `group_size` times in a row (groups are never split

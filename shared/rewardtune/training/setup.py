@@ -7,6 +7,7 @@ Every epoch draws its randomness from (seed, epoch, process): see `epoch_seed`.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from rewardtune.models import apply_performance, load_pipeline, prepare_policy, 
 from rewardtune.numerics import StepHealth
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward
+from rewardtune.tracking import TrainingTracker
 
 
 def epoch_seed(seed: int, epoch: int, process: int) -> int:
@@ -41,6 +43,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class InlineExecutor:
+    """`sampling.reward_workers: 0`: score in the sampling thread (serialized; the overlap's baseline)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - re-raised by .result(), as a pool would
+            future.set_exception(err)
+        return future
 
 
 class RunSetup:
@@ -70,7 +84,9 @@ class RunSetup:
             cpu=device.type == "cpu",
             mixed_precision=cfg.training.mixed_precision,
             gradient_accumulation_steps=accumulation,
+            **TrainingTracker.accelerator_kwargs(cfg, self.out_dir),
         )
+        self.tracker = TrainingTracker(self.accelerator, cfg, self.out_dir)
         self.device = self.accelerator.device
         if cfg.training.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -81,6 +97,7 @@ class RunSetup:
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
         self._check_prompt_lengths()
         self.reward_fn = build_reward(cfg.reward, self.device)
+        self.reward_pool = InlineExecutor() if cfg.sampling.reward_workers == 0 else ThreadPoolExecutor(1, "reward")
         algo = cfg.algorithm
         self.constraints = algo.constraints
         self.aux_reward_fns = [build_reward(c.reward, self.device) for c in self.constraints]
