@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rewardtune.checkpoint import latest_checkpoint
 from rewardtune.cli import main as cli
 from rewardtune.config import parse_config
 from rewardtune.group_advantages import group_advantages
@@ -80,7 +81,7 @@ def test_one_epoch_through_the_cli(tmp_path, flow_dirs, aesthetic_source, family
     assert cli(["train", "--config", str(_write(tmp_path, data)), "--out", str(out)]) == 0
     (record,) = _records(out)
     assert np.isfinite(record["loss"]) and record["samples"] == 2
-    ckpt = out / "checkpoints" / "epoch-000001"
+    ckpt, _ = latest_checkpoint(out / "checkpoints")  # epoch-000001, or its -post-reset with a reset
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["meta"]["model_family"] == family
     lora = load_file(ckpt / "pytorch_lora_weights.safetensors")
