@@ -181,6 +181,19 @@ def test_hpsv2_arch_name_cannot_write_outside_its_temp_dir(tiny_rewards, tmp_pat
         build_reward(RewardSpec(name="hpsv2", source=tiny_rewards["hpsv2"], options={"checkpoint": "../../x.pt"}))
 
 
+def test_a_symlink_loop_in_a_checkpoint_is_refused_not_a_traceback(tmp_path):
+    """Found by the long fuzz profile: Path.resolve raises RuntimeError on a loop in Python 3.11."""
+    from rewardtune.checkpoint import CheckpointError
+
+    checkpoint = tmp_path / "epoch-000001"
+    checkpoint.mkdir()
+    (checkpoint / "w.safetensors").symlink_to(checkpoint / "w.safetensors")
+    (checkpoint / MANIFEST).write_text(json.dumps({"epochs_done": 1, "kind": "regular",
+                                                   "files": {"w.safetensors": {"size": 1, "sha256": "0"}}}))
+    with pytest.raises(CheckpointError, match="cannot be resolved"):
+        verify_checkpoint(checkpoint)
+
+
 # ---------------------------------------------------------------------------------------------- 2. resume policy
 def test_resume_applies_a_new_learning_rate_and_records_it(ctx, run2):
     records = MetricsLog(run2 / "metrics.jsonl").read()

@@ -35,8 +35,11 @@ def check_relative_name(name: object, what: str) -> str:
 def contained(root: Path, name: object, what: str) -> Path:
     """`root / name`, refused unless the name is relative and, with symlinks resolved, stays inside `root`."""
     rel = check_relative_name(name, what)
-    base = Path(root).resolve()
-    target = (base / rel).resolve()
+    try:
+        base = Path(root).resolve()
+        target = (base / rel).resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise UnsafePathError(f"{what}: file name {rel!r} cannot be resolved ({err}); refused") from None
     if target != base and base not in target.parents:
         raise UnsafePathError(f"{what}: file name {rel!r} resolves to {target}, outside {base}; refused")
     return Path(root) / rel
