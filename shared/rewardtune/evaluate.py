@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import scipy.stats
 import torch
 from PIL import Image
 
@@ -58,6 +57,8 @@ def summary_stats(values: Sequence[float]) -> dict[str, Any]:
         raise ValueError("summary_stats needs at least one value")
     mean = float(array.mean())
     std = float(array.std(ddof=1)) if n > 1 else 0.0
+    import scipy.stats  # here, not at import time: scipy is only needed once a CI is computed
+
     half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else 0.0
     return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
 
