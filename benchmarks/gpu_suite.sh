@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the performance issue needs from a lent GPU, in one go (budget: under 10 minutes on one H100/H200).
 #
-#   benchmarks/gpu_suite.sh [--out DIR] [--budget SECONDS]     # on the GPU machine, from the repo root
+#   benchmarks/gpu_suite.sh [--out DIR] [--models DIR] [--budget SECONDS]   # on the GPU machine, repo root
 #   benchmarks/gpu_suite.sh --tiny --out DIR                   # the same phases on CPU with the tiny model (smoke)
 #   benchmarks/gpu_suite.sh --dry-run                          # print the phase commands only
 #
@@ -17,27 +17,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out="${OUT:-runs/gpu-suite}"
+models="${TMPDIR:-/tmp}/rt-suite-models"  # the random-weight pipelines (GBs) stay out of the results directory
 budget=570
 mode=gpu
 dry=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
+    --models) models="$2"; shift 2 ;;
     --budget) budget="$2"; shift 2 ;;
     --tiny) mode=tiny; shift ;;
     --dry-run) dry=1; shift ;;
-    *) echo "error: unknown argument $1; use --out DIR, --budget SECONDS, --tiny or --dry-run" >&2; exit 2 ;;
+    *) echo "error: unknown argument $1; use --out DIR, --models DIR, --budget SECONDS, --tiny or --dry-run" >&2; exit 2 ;;
   esac
 done
 py="${PYTHON:-python3}"
 
 if [ "$mode" = gpu ]; then
-  common=(--preset sd15 --device cuda --mixed-precision bf16 --model-dir "$out/sd15" --tower-dir "$out/vit-l14")
+  common=(--preset sd15 --device cuda --mixed-precision bf16 --model-dir "$models/sd15" --tower-dir "$models/vit-l14")
   compare=(--compare-trl --images-per-epoch 32 --epochs 2 --warmup-batches 1)
   speedups=(--speedups --steps 10 --images-per-epoch 8 --epochs 2 --warmup-batches 1)
   critic=(--algorithm ddpo,tdpo_r --critic-input-strides 1,5,10 --images-per-epoch 8 --epochs 1)
 else
-  common=(--preset tiny --device cpu --model-dir "$out/tiny" --tower-dir "$out/tiny-tower")
+  common=(--preset tiny --device cpu --model-dir "$models/tiny" --tower-dir "$models/tiny-tower")
   compare=(--compare-trl --steps 2 --images-per-epoch 4 --grad-accum 1 --epochs 1)
   speedups=(--speedups --skip compile,fused4 --steps 2 --images-per-epoch 4 --grad-accum 1 --epochs 1)
   critic=(--algorithm ddpo,tdpo_r --critic-input-strides 1,2 --steps 2 --images-per-epoch 4 --grad-accum 1 --epochs 1)
@@ -74,7 +76,7 @@ if [ "$dry" = 0 ]; then
     echo "error: python packages missing: $missing; run benchmarks/gpu_wheels.sh where PyPI is reachable and carry .whl" >&2
     exit 2
   fi
-  mkdir -p "$out"
+  mkdir -p "$out" "$models"
   "$py" - "$out/env.json" <<'PY'
 import json, subprocess, sys, torch
 env = {"torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads()}

@@ -357,7 +357,7 @@ def print_report(report: dict) -> None:
         print(" | ".join(str(row.get(h, "")) for h in header))
     first = next((r for r in report["results"] if "cost_model" in r), None)
     if first is not None:
-        print(f"\ncost model of one epoch (same for every row), beside {first['name']}'s medians:")
+        print(f"\ncost model of one epoch of {first['name']} (each row's own is in the JSON), beside its medians:")
         keys = list(first["cost_model"][0])
         print(" | ".join(keys))
         for row in first["cost_model"]:
