@@ -162,6 +162,9 @@ class RewardSpec(_Strict):
             hint = difflib.get_close_matches(bad[0], allowed, n=1)
             maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ValueError(f"reward '{self.name}' has no option '{bad[0]}'{maybe}; allowed: {', '.join(allowed) or 'none'}")
+        from rewardtune.rewards import check_options
+
+        check_options(self.name, self.options)
         return self
 
 
@@ -188,14 +191,45 @@ class CriticConfig(_Strict):
     image_encoder: str | None = Field(
         None, description="Source of the frozen image tower (CLIP vision model); None uses the training reward's."
     )
+    preprocessing: Literal["float", "clip_processor"] = Field(
+        "float",
+        description="How a decoded x_t becomes the tower's input: float (torch resize of the float image) or "
+        "clip_processor (the official code: quantized to uint8, then CLIPImageProcessor).",
+    )
     hidden_sizes: list[int] = Field(default_factory=lambda: [1024, 128, 64, 16], min_length=1)
     dropout: list[float] = Field(default_factory=lambda: [0.2, 0.2, 0.1, 0.0])
     learning_rate: float = Field(1e-4, gt=0)
     value_clip: float = Field(0.2, gt=0)
     coef: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, gt=0, le=1.0)
-    kl_coef: float = Field(0.0, ge=0, description="beta of the per-step KL penalty against the frozen base policy.")
-    kl_estimator: Literal["kl", "abs", "square", "clip", "approx"] = "kl"
+    reward_clip: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Clip the normalized terminal reward to ±this before the returns and the critic's target; "
+        "0 = no clipping (the official clip_range_reward = 0). DDPO clips with training.adv_clip_max instead.",
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="kl_penalty_coef of the official code: per-step reward -= kl_coef x controller value x "
+        "k(log pi - log pi_ref) against the frozen base policy; 0 = no penalty.",
+    )
+    kl_estimator: Literal["kl", "abs", "square", "clip", "approx", "js"] = Field(
+        "clip", description="k of the KL penalty (official default clip = max(log pi - log pi_ref, 0))."
+    )
+    kl_init_coef: float = Field(
+        0.2, gt=0, allow_inf_nan=False, description="The KL controller's initial value (official init_kl_coef)."
+    )
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Target of the adaptive KL controller (mean over samples of the summed per-step log-ratio); "
+        "None = a fixed controller.",
+    )
+    kl_horizon: int = Field(2000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
     advantage_norm: Literal["global", "per_prompt"] = "global"
 
     @model_validator(mode="after")
