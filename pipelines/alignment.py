@@ -66,6 +66,21 @@ def _image(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
     return task.set_container_image(image)
 
 
+def _evaluate_and_report(trained: dsl.PipelineTask, config, prep, trainer_image, cpu_image, gpu_node_selector,
+                         model_cache_pvc, model_cache_uri) -> None:
+    """Evaluate every checkpoint of `trained` (ParallelFor + Collected), then report. Called in each training
+    branch rather than once after a dsl.OneOf: kfp.local cannot select an artifact out of a OneOf."""
+    with dsl.ParallelFor(trained.outputs["Output"], parallelism=2, name="per-checkpoint") as checkpoint:
+        ev = evaluate(config=config, checkpoints=trained.outputs["checkpoints"], prompts=prep.outputs["prompts"],
+                      checkpoint=checkpoint, model_cache_uri=model_cache_uri)
+        _image(ev, trainer_image).set_retry(num_retries=2, backoff_duration="60s")
+        _on_gpu(ev, 1, gpu_node_selector)
+        kubernetes.mount_pvc(ev, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
+        _use_s3(ev)
+    rep = report(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]))
+    _image(rep, cpu_image)
+
+
 @dsl.pipeline(name=PIPELINE_NAME, description="Reward fine-tuning (DDPO / TDPO / TDPO-R / CDPO) with evaluation and report.")
 def alignment_pipeline(
     config: str,
@@ -113,6 +128,8 @@ def alignment_pipeline(
             kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
             kubernetes.mount_pvc(trained, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
             _use_s3(trained)
+            _evaluate_and_report(trained, config, prep, trainer_image, cpu_image, gpu_node_selector, model_cache_pvc,
+                                 model_cache_uri)
         with dsl.Else(name="multi-node"):
             launched = train_multinode(
                 config=config, prompts=prep.outputs["prompts"], trainer_image=trainer_image, num_nodes=num_nodes,
@@ -124,16 +141,5 @@ def alignment_pipeline(
             # The launcher only waits: a retry re-attaches to the TrainJob (or replaces a Failed one, which resumes).
             launched.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
             kubernetes.mount_pvc(launched, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
-        checkpoint_names = dsl.OneOf(trained.outputs["Output"], launched.outputs["Output"])
-        checkpoints = dsl.OneOf(trained.outputs["checkpoints"], launched.outputs["checkpoints"])
-
-        with dsl.ParallelFor(checkpoint_names, parallelism=2, name="per-checkpoint") as checkpoint:
-            ev = evaluate(config=config, checkpoints=checkpoints, prompts=prep.outputs["prompts"],
-                          checkpoint=checkpoint, model_cache_uri=model_cache_uri)
-            _image(ev, trainer_image).set_retry(num_retries=2, backoff_duration="60s")
-            _on_gpu(ev, 1, gpu_node_selector)
-            kubernetes.mount_pvc(ev, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
-            _use_s3(ev)
-
-        rep = report(run=checkpoints, evaluations=dsl.Collected(ev.outputs["results"]))
-        _image(rep, cpu_image)
+            _evaluate_and_report(launched, config, prep, trainer_image, cpu_image, gpu_node_selector, model_cache_pvc,
+                                 model_cache_uri)

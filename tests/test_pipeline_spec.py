@@ -73,12 +73,16 @@ def test_train_gpu_resources_retry_and_no_cache(specs):
 
 def test_fan_out_collect_and_exit_handler(specs):
     pipeline, _ = specs
-    loop_name = next(n for c in [pipeline.root, *pipeline.components.values()] for n in c.dag.tasks if n.startswith("for-loop"))
-    loop = _dag_task(pipeline, loop_name)
-    assert "condition-branches" in loop.parameter_iterator.items.input_parameter  # the OneOf of both train paths
-    assert loop.iterator_policy.parallelism_limit == 2
-    report = _dag_task(pipeline, "report")
-    assert report.inputs.artifacts["evaluations"].task_output_artifact.producer_task == loop_name
+    # one fan-out + report per training branch (kfp.local cannot select an artifact out of a dsl.OneOf)
+    for trainer in ("train", "train-multinode"):
+        branch = next(c.dag for c in pipeline.components.values() if trainer in c.dag.tasks)
+        loop_name = next(n for n in branch.tasks if n.startswith("for-loop"))
+        loop = branch.tasks[loop_name]
+        assert loop.parameter_iterator.items.input_parameter == f"pipelinechannel--{trainer}-Output"
+        assert loop.iterator_policy.parallelism_limit == 2
+        report = next(t for n, t in branch.tasks.items() if n.startswith("report"))
+        assert report.inputs.artifacts["evaluations"].task_output_artifact.producer_task == loop_name
+        assert report.inputs.artifacts["run"].task_output_artifact.producer_task == trainer
     status = pipeline.root.dag.tasks["record-status"]
     assert status.trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
 
@@ -160,7 +164,10 @@ def test_backend_rule_catches_the_old_tag_form():
 
 def test_multi_node_branch_launches_a_trainjob(specs):
     pipeline, executors = specs
-    single, multi = (_dag_task(pipeline, n) for n in ("condition-3", "condition-4"))
+    branches = {t: next(n for c in pipeline.components.values() for n, task in c.dag.tasks.items()
+                        if n.startswith("condition-") and t in pipeline.components[task.component_ref.name].dag.tasks)
+                for t in ("train", "train-multinode")}
+    single, multi = (_dag_task(pipeline, branches[t]) for t in ("train", "train-multinode"))
     assert "num_nodes" in single.trigger_policy.condition and "== 1" in single.trigger_policy.condition
     assert "num_nodes" in multi.trigger_policy.condition and "!" in multi.trigger_policy.condition
     launcher = _dag_task(pipeline, "train-multinode")

@@ -60,6 +60,7 @@ from rewardtune.neuron_reset import (
 )
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward, check_finite
+from rewardtune.shared_dir import require_shared_dir
 from rewardtune.temporal import (
     clipped_value_loss,
     discounted_returns,
@@ -136,6 +137,7 @@ class Trainer:
             gradient_accumulation_steps=accumulation,
         )
         self.device = self.accelerator.device
+        require_shared_dir(self.out_dir, self.accelerator)  # before any work: all processes fail together
         if cfg.training.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
