@@ -135,7 +135,7 @@ def alignment_pipeline(
                 config=config, prompts=prep.outputs["prompts"], trainer_image=trainer_image, num_nodes=num_nodes,
                 gpus_per_node=gpus_per_node, node_selector=gpu_node_selector, checkpoint_pvc=checkpoint_pvc,
                 model_cache_pvc=model_cache_pvc, workdir=CHECKPOINT_MOUNT, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                algorithm=algorithm, base_model=base_model, reward=reward, epochs=epochs,
+                algorithm=algorithm, base_model=base_model, reward=reward, epochs=epochs, model_cache_uri=model_cache_uri,
             ).after(cache)
             _image(launched, cpu_image)
             # The launcher only waits: a retry re-attaches to the TrainJob (or replaces a Failed one, which resumes).

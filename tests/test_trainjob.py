@@ -150,6 +150,8 @@ def test_trainjob_content():
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts == {"/mnt/checkpoints": "checkpoints", "/mnt/model-cache": "model-cache"}
     assert env["RT_MODEL_CACHE"]["value"] == "/mnt/model-cache"
+    s3_cache = build_trainjob(_request(model_cache_uri="s3://bucket/models"))["spec"]["trainer"]["env"]
+    assert {"name": "RT_MODEL_CACHE", "value": "s3://bucket/models"} in s3_cache
     s3 = [e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e]
     assert {r["key"] for r in s3} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(r["name"] == "rewardtune-s3" and r["optional"] for r in s3)
@@ -302,12 +304,13 @@ def test_launch_for_pipeline_stages_the_run_and_publishes_checkpoints(tmp_path, 
         str(tiny_config_path), _prompts(tmp_path), tmp_path / "out", workdir=str(tmp_path / "pvc"), run_id=run_id,
         image="ghcr.io/rewardtune/rewardtune-trainer:0.1.0", num_nodes=2, gpus_per_node=4,
         checkpoint_pvc="rewardtune-checkpoints", model_cache_pvc="rewardtune-model-cache",
-        overrides=["training.epochs=1"], namespace="rewardtune", custom_api=api, core_api=_FakeCore(["ReadWriteMany"]),
+        overrides=["training.epochs=1"], namespace="rewardtune", model_cache_uri="s3://bucket/models", custom_api=api, core_api=_FakeCore(["ReadWriteMany"]),
         poll_s=0,
     )
     assert result["checkpoints"] == ["epoch-000001"] and result["final_metrics"]["reward_mean"] == 0.5
     assert (tmp_path / "out" / "checkpoints" / "epoch-000001" / "manifest.json").is_file()
     created = api.objects[("rewardtune", result["trainjob"])]
+    assert {"name": "RT_MODEL_CACHE", "value": "s3://bucket/models"} in created["spec"]["trainer"]["env"]
     command = created["spec"]["trainer"]["command"]
     staged = yaml.safe_load(Path(command[command.index("--config") + 1]).read_text())
     assert staged["prompts"]["source"] == str(run_dir / "prompts" / "train.txt") and staged["training"]["epochs"] == 1

@@ -28,6 +28,7 @@ def train_multinode(
     base_model: str = "",
     reward: str = "",
     epochs: int = 0,
+    model_cache_uri: str = "",
 ) -> list[str]:
     """Returns the checkpoint names for the evaluation fan-out, like `train`."""
     import logging
@@ -39,7 +40,7 @@ def train_multinode(
     result = launch_for_pipeline(
         config, prompts.path, checkpoints.path, workdir=workdir, run_id=run_id, image=trainer_image,
         num_nodes=num_nodes, gpus_per_node=gpus_per_node, checkpoint_pvc=checkpoint_pvc,
-        model_cache_pvc=model_cache_pvc, node_selector=node_selector,
+        model_cache_pvc=model_cache_pvc, node_selector=node_selector, model_cache_uri=model_cache_uri,
         overrides=param_overrides(algorithm=algorithm, base_model=base_model, reward=reward, epochs=epochs),
     )
     for name, value in result["final_metrics"].items():

@@ -57,7 +57,7 @@ def in_cluster_namespace(path: Path = SA_NAMESPACE_FILE) -> str:
 def launch_for_pipeline(
     config: str, prompts_dir: str | Path, out_dir: str | Path, *, workdir: str, run_id: str, image: str,
     num_nodes: int, gpus_per_node: int, checkpoint_pvc: str, model_cache_pvc: str,
-    node_selector: dict[str, str] | None = None, overrides: list[str] | None = None, namespace: str = "",
+    node_selector: dict[str, str] | None = None, model_cache_uri: str = "", overrides: list[str] | None = None, namespace: str = "",
     custom_api: Any = None, core_api: Any = None, poll_s: float = 30.0,
 ) -> dict[str, Any]:
     """The multi-node train step; returns what `stages.train_for_pipeline` returns (checkpoints, final metrics)."""
@@ -78,6 +78,7 @@ def launch_for_pipeline(
         name=trainjob_name(run_id), namespace=namespace, image=image, config_file=str(config_file),
         run_dir=str(run_dir), num_nodes=num_nodes, gpus_per_node=gpus_per_node, checkpoint_pvc=checkpoint_pvc,
         model_cache_pvc=model_cache_pvc, node_selector=dict(node_selector or {}),
+        **({"model_cache_uri": model_cache_uri} if model_cache_uri else {}),
         grace_s=max(1, int(cfg.checkpointing.termination_grace_s)), labels={"rewardtune.io/run-id": run_id[:63]},
     )
     outcome = ensure_trainjob(custom_api, build_trainjob(request))

@@ -82,6 +82,7 @@ class TrainJobRequest:
     cpu_per_node: str = "8"
     memory_per_node: str = "32Gi"
     grace_s: int = 45
+    model_cache_uri: str = CACHE_MOUNT  # RT_MODEL_CACHE of the nodes: the mounted cache PVC or an s3:// prefix
     s3_secret: str = "rewardtune-s3"
     service_account: str = "rewardtune-pipeline"
     runtime: str = RUNTIME_NAME
@@ -110,7 +111,7 @@ def build_trainjob(req: TrainJobRequest) -> dict[str, Any]:
     """The TrainJob manifest: the shipped TrainingRuntime plus this run's image, command, sizes and volumes."""
     shutdown_s, pod_grace_s = shutdown_timings(req.grace_s)
     env = [
-        {"name": "RT_MODEL_CACHE", "value": CACHE_MOUNT},
+        {"name": "RT_MODEL_CACHE", "value": req.model_cache_uri},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown_s)},
         *({"name": key, "valueFrom": {"secretKeyRef": {"name": req.s3_secret, "key": key, "optional": True}}}
