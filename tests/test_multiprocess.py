@@ -27,7 +27,7 @@ from rewardtune.config import parse_config
 from rewardtune.trainer import TERMINATED_FILE, EpochTimes, Trainer
 from tests.cli_runner import exec_env
 from tests.conftest import tiny_config_dict
-from tests.mp_driver import SAMPLE_FIELDS, capture_gradients
+from tests.mp_driver import SAMPLE_FIELDS, capture_gradients, keep_order
 from tests.test_preemption import assert_same_final_state
 
 WORLD = 2
@@ -63,20 +63,20 @@ def setup(tmp_path_factory, tiny_model_dir) -> dict:
 
 CDPO = {"name": "cdpo", "reset": {"every": 1}, "lagrange": {"learning_rate": 1.0},
         "constraints": [{"reward": {"name": "jpeg_compressibility"}, "relative_margin": 0.0}]}
-# one optimizer step per epoch (accumulation = every micro-step), no dropout: the gradient is a plain mean
+# one optimizer step per epoch, no dropout: the gradient is a plain mean over the epoch's (sample, step) pairs.
+# DDPO accumulates over all 4 steps; TDPO steps once per time column, so it trains one column.
 GRAD_ALGORITHMS = {
-    "ddpo": {"name": "ddpo"},
-    "tdpo": {"name": "tdpo", "critic": {"dropout": [0.0, 0.0, 0.0, 0.0], "advantage_norm": "per_prompt"}},
+    "ddpo": ({"name": "ddpo"}, 1.0),
+    "tdpo": ({"name": "tdpo", "critic": {"dropout": [0.0, 0.0, 0.0, 0.0], "advantage_norm": "per_prompt"}}, 0.25),
 }
 
 
 def _grad_config(setup, name: str, world: int) -> Path:
     per_process = WORLD * B // world
-    micro_steps = per_process * 4  # train batch 1, 4 steps trained
-    accumulation = micro_steps if name == "tdpo" else per_process  # DDPO multiplies by the steps itself
+    algorithm, fraction = GRAD_ALGORITHMS[name]
     return setup["config"](
-        f"grad-{name}-{world}", GRAD_ALGORITHMS[name], sampling={"batch_size": per_process},
-        training={"gradient_accumulation_steps": accumulation, "epochs": 1,
+        f"grad-{name}-{world}", algorithm, sampling={"batch_size": per_process},
+        training={"gradient_accumulation_steps": per_process, "timestep_fraction": fraction, "epochs": 1,
                   "stat_tracking": {"enabled": True, "min_count": 2, "buffer_size": 16}},
     )
 
@@ -89,6 +89,7 @@ def _single_process_reference(setup, name: str) -> tuple[Path, dict]:
               "extras": {k: v.clone() for k, v in samples.extras.items()}}
     trainer.compute_advantages(samples)
     grads = capture_gradients(trainer)
+    keep_order(trainer)
     stats = trainer.train_epoch(samples, 0)
     path = setup["root"] / f"ref-{name}.pt"
     torch.save({"samples": stored}, path)
@@ -154,9 +155,16 @@ def test_two_processes_stay_identical_resume_exactly_and_match_one_process(setup
         assert got["world"] == WORLD
         torch.testing.assert_close(got["advantages"], ref["advantages"], rtol=1e-5, atol=1e-6)
         assert got["grads"].keys() == ref["grads"].keys() and any("critic" in k for k in ref["grads"]) == (name == "tdpo")
-        for key, grad in ref["grads"].items():
-            error = (got["grads"][key] - grad).norm() / grad.norm().clamp_min(1e-12)
-            assert error <= 1e-5, (name, key, float(error))
+        # relative to the network's whole gradient; the sums run in another order (16 micro-steps in one process,
+        # 2 x 8 plus an all-reduce in two) over terms that largely cancel (standardized advantages): float32
+        # rounding alone reaches ~2e-5 here (measured), hence 1e-4; a wrong reduction is off by O(1)
+        for network in ("policy", "critic"):
+            keys = [k for k in ref["grads"] if k.startswith(network)]
+            if keys:
+                expected = torch.cat([ref["grads"][k].flatten() for k in keys])
+                error = (torch.cat([got["grads"][k].flatten() for k in keys]) - expected).norm() / expected.norm()
+                print(f"{name} {network} gradient: relative error {float(error):.2e} over {expected.numel()} entries")
+                assert 0 < expected.norm() and error <= 1e-4, (name, network, float(error))
         for key, value in ref["stats"].items():  # logged statistics are over all ranks' samples
             assert got["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
 
