@@ -15,6 +15,7 @@ from kfp import dsl, kubernetes
 
 from components.cache_models.component import cache_models
 from components.evaluate.component import evaluate
+from components.export.component import export
 from components.images import CPU_IMAGE, TRAINER_IMAGE
 from components.prepare_prompts.component import prepare_prompts
 from components.record_status.component import record_status
@@ -32,6 +33,7 @@ S3_SECRET_KEYS = {
     "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
 }
+HF_SECRET = "rewardtune-hf"  # optional: HF_TOKEN for export's --push-to-hub
 GPU_TAINT = "nvidia.com/gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAIN_RETRIES = 3
@@ -67,9 +69,10 @@ def _image(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
 
 
 def _evaluate_and_report(trained: dsl.PipelineTask, config, prep, trainer_image, cpu_image, gpu_node_selector,
-                         model_cache_pvc, model_cache_uri) -> None:
-    """Evaluate every checkpoint of `trained` (ParallelFor + Collected), then report. Called in each training
-    branch rather than once after a dsl.OneOf: kfp.local cannot select an artifact out of a OneOf."""
+                         model_cache_pvc, model_cache_uri, export_select, push_to_hub) -> None:
+    """Evaluate every checkpoint of `trained` (ParallelFor + Collected), report, then export the checkpoint chosen
+    by held-out evaluation as a KFP Model (a diffusers pipeline). Called in each training branch rather than once
+    after a dsl.OneOf: kfp.local cannot select an artifact out of a OneOf."""
     with dsl.ParallelFor(trained.outputs["Output"], parallelism=2, name="per-checkpoint") as checkpoint:
         ev = evaluate(config=config, checkpoints=trained.outputs["checkpoints"], prompts=prep.outputs["prompts"],
                       checkpoint=checkpoint, model_cache_uri=model_cache_uri)
@@ -79,6 +82,15 @@ def _evaluate_and_report(trained: dsl.PipelineTask, config, prep, trainer_image,
         _use_s3(ev)
     rep = report(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]))
     _image(rep, cpu_image)
+
+    shipped = export(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]),
+                     select=export_select, merge=True, push_to_hub=push_to_hub).after(rep)
+    _image(shipped, trainer_image)
+    shipped.set_memory_request("16G")
+    kubernetes.mount_pvc(shipped, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
+    _use_s3(shipped)
+    kubernetes.use_secret_as_env(shipped, secret_name=HF_SECRET, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"},
+                                 optional=True)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Reward fine-tuning (DDPO / TDPO / TDPO-R / CDPO) with evaluation and report.")
@@ -96,6 +108,8 @@ def alignment_pipeline(
     checkpoint_pvc: str = "rewardtune-checkpoints",
     model_cache_pvc: str = "rewardtune-model-cache",
     model_cache_uri: str = CACHE_MOUNT,
+    export_select: str = "best-heldout",
+    push_to_hub: str = "",
 ):
     """`config` is YAML text or a URI (path, file://, s3://); empty algorithm/base_model/reward/epochs keep the config's.
 
@@ -129,7 +143,7 @@ def alignment_pipeline(
             kubernetes.mount_pvc(trained, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
             _use_s3(trained)
             _evaluate_and_report(trained, config, prep, trainer_image, cpu_image, gpu_node_selector, model_cache_pvc,
-                                 model_cache_uri)
+                                 model_cache_uri, export_select, push_to_hub)
         with dsl.Else(name="multi-node"):
             launched = train_multinode(
                 config=config, prompts=prep.outputs["prompts"], trainer_image=trainer_image, num_nodes=num_nodes,
@@ -142,4 +156,4 @@ def alignment_pipeline(
             launched.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
             kubernetes.mount_pvc(launched, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
             _evaluate_and_report(launched, config, prep, trainer_image, cpu_image, gpu_node_selector, model_cache_pvc,
-                                 model_cache_uri)
+                                 model_cache_uri, export_select, push_to_hub)

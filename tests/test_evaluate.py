@@ -56,8 +56,10 @@ def evaluated(trained_run, tiny_model_dir, tmp_path_factory) -> Path:
 def test_summary_stats_hand_numbers():
     stats = summary_stats([1.0, 2.0, 3.0])
     assert stats["mean"] == 2.0 and stats["std"] == 1.0 and stats["n"] == 3
-    half = 4.303 / math.sqrt(3)
-    assert stats["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    half = 4.302653 / math.sqrt(3)  # t_{0.975, 2} (scipy.stats.t, printed tables: 4.303)
+    assert stats["ci95"] == pytest.approx([2.0 - half, 2.0 + half], rel=1e-6)
+    wide = summary_stats([0.0, 1.0] * 20)  # beyond the old 30-row table: t_{0.975, 39} = 2.0227, not 1.96
+    assert wide["ci95"][1] - wide["mean"] == pytest.approx(2.022691 * wide["std"] / math.sqrt(40), rel=1e-6)
     assert summary_stats([5.0]) == {"mean": 5.0, "std": 0.0, "ci95": [5.0, 5.0], "n": 1}
 
 

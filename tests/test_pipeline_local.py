@@ -44,6 +44,8 @@ def test_local_dag_one_epoch(tmp_path, tiny_model_dir):
     """Fast path: the whole DAG on the random tiny model with one training epoch."""
     _check(_run_local(tmp_path, "--config", str(REPO / "configs" / "tiny.yaml"), "--model", str(tiny_model_dir),
                       "--epochs", "1"), 1, train_prompts=36)
+    [exported] = [p.parent for p in (tmp_path / "kfp").rglob("rewardtune_export.json")]  # the export step's Model
+    assert (exported / "model_index.json").is_file() and (exported / "README.md").is_file()
 
 
 @pytest.mark.slow

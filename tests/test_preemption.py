@@ -29,7 +29,7 @@ from tests.cli_runner import cli_command, exec_env, run_cli, start_cli
 from tests.conftest import tiny_config_dict
 
 EPOCHS = 4
-TIMING = ("images_per_s", "time_sampling_s", "time_reward_s", "time_training_s")
+TIMING = ("images_per_s", "time_sampling_s", "time_reward_s", "time_reward_wait_s", "time_training_s")
 # What each default-suite trial must cover (one random point from each group).
 DEFAULT_GROUPS = [("checkpoint_files", "checkpoint_rename", "checkpoint_delete"),
                   ("critic_update", "optimizer_step", "sample"),

@@ -117,6 +117,17 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(json.dumps(headline, indent=1, sort_keys=True))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    import json
+
+    from rewardtune.export import export_model
+
+    summary = export_model(Path(args.run), Path(args.eval) if args.eval else None, args.select, Path(args.out),
+                           merge=args.merge, push_to_hub=args.push_to_hub, private=not args.public)
+    print(f"exported {summary['checkpoint']} to {args.out} ({summary['reason']})")
+    print(json.dumps(summary, indent=1, sort_keys=True))
+
+
 def _cmd_testbed_pretrain(args: argparse.Namespace) -> None:
     import json
     import shutil
@@ -218,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--label", action="append", default=[], help="one label per run (default: run dir names)")
     report.add_argument("--out", required=True, help="writes report.html, report.md and headline.json here")
     report.set_defaults(func=_cmd_report)
+
+    export = sub.add_parser("export", help="a diffusers pipeline + model card of the chosen checkpoint (optionally pushed)",
+                            description="Selection: last (newest), best-proxy (highest held-out training reward), "
+                            "best-heldout (highest training reward among checkpoints whose unseen rewards stay within "
+                            "the base model's 95%% CI; rewardtune.indicators.best_heldout_index).")
+    export.add_argument("--run", required=True, help="run directory of `rewardtune train`")
+    export.add_argument("--eval", help="its evaluation directory (needed by best-proxy and best-heldout)")
+    export.add_argument("--select", default="best-heldout", choices=["last", "best-proxy", "best-heldout"])
+    export.add_argument("--out", required=True, help="the pipeline directory to write (must not exist)")
+    export.add_argument("--merge", action="store_true", help="fuse the LoRA into the UNet (else base UNet + lora/)")
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub model repo (token: HF_TOKEN)")
+    export.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+    export.set_defaults(func=_cmd_export)
 
     testbed = sub.add_parser("testbed", help="the overoptimization testbed: pretrain its world model, compare methods")
     tb = testbed.add_subparsers(dest="testbed_command", required=True)

@@ -55,9 +55,10 @@ class ModelConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _builtin_source(cls, value: str) -> str:
-        """`testbed` names the committed testbed base model; it becomes that absolute directory here, once."""
+        """A named source (entry point group `rewardtune.model_sources`; `testbed` = the committed testbed base
+        model) becomes what its plugin returns (an absolute directory) here, once."""
         from rewardtune.errors import RewardtuneError
-        from rewardtune.testbed.assets import resolve_model_source
+        from rewardtune.plugins import resolve_model_source
 
         try:
             return resolve_model_source(value)
@@ -91,6 +92,9 @@ class SamplingConfig(_Strict):
     batches_per_epoch: int = Field(4, ge=1)
     resolution: int = Field(512, ge=8)
     negative_prompt: str = ""
+    reward_workers: int = Field(
+        1, ge=0, le=1, description="1: score each batch in a reward thread while the next one samples; 0: inline."
+    )
 
 
 # Issue 18, phase 1: validated sections for the flow family and GRPO. They are deliberately NOT fields of
@@ -147,6 +151,14 @@ class RewardSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_name(self) -> RewardSpec:
+        from rewardtune.errors import RewardtuneError
+
+        try:
+            return self._check_name()
+        except RewardtuneError as err:  # a plugin that cannot be imported: the config names it, so say it here
+            raise ValueError(str(err)) from None
+
+    def _check_name(self) -> RewardSpec:
         from rewardtune.rewards import reward_names
 
         names = reward_names()
@@ -369,6 +381,18 @@ class EvaluationConfig(_Strict):
 
 class LoggingConfig(_Strict):
     progress_bars: bool = True
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers (accelerate's) to log to; none by default."
+    )
+    project: str = Field("rewardtune", min_length=1, description="TensorBoard run name, MLflow experiment, W&B project.")
+    sample_grid_images: int = Field(16, ge=0, description="Sampled images per epoch in the trackers' image grid.")
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_tracker_once(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"a tracker is named twice in {trackers}; name each once")
+        return trackers
 
 
 class RunConfig(_Strict):

@@ -46,9 +46,6 @@ log = logging.getLogger(__name__)
 
 BASE = "base"
 SPLITS = ("heldout", "train")
-# Two-sided 95% Student-t quantiles by degrees of freedom (scipy is not a dependency); 1.96 beyond 30.
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -60,7 +57,9 @@ def summary_stats(values: Sequence[float]) -> dict[str, Any]:
         raise ValueError("summary_stats needs at least one value")
     mean = float(array.mean())
     std = float(array.std(ddof=1)) if n > 1 else 0.0
-    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * std / math.sqrt(n) if n > 1 else 0.0
+    import scipy.stats  # here, not at import time: scipy is only needed once a CI is computed
+
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else 0.0
     return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
 
 
@@ -190,11 +189,10 @@ def unseen_reward_specs(cfg: RunConfig) -> list[RewardSpec]:
     """`cfg.eval_rewards`, or by default every other registered reward that builds without a source (not testbed_*)."""
     if cfg.eval_rewards:
         return list(cfg.eval_rewards)
-    from rewardtune.rewards import reward_names
+    from rewardtune.rewards import default_unseen_names
 
     seen = {cfg.reward.name, *(c.reward.name for c in cfg.algorithm.constraints)}
-    # the testbed's rewards only make sense on its own world: they are named explicitly, never defaults
-    return [RewardSpec(name=name) for name in reward_names() if name not in seen and not name.startswith("testbed_")]
+    return [RewardSpec(name=name) for name in default_unseen_names() if name not in seen]
 
 
 def build_rewards(cfg: RunConfig, device: torch.device) -> dict[str, tuple[str, Any]]:
@@ -509,6 +507,9 @@ def evaluate_run(
         }
         _write_outputs(ev, name, out_dir / name, images, scores, embeddings, metrics)
         fault_point("eval_checkpoint")
+    from rewardtune.tracking import log_evaluation
+
+    log_evaluation(cfg, run_dir, out_dir, [json.loads((out_dir / n / "metrics.json").read_text()) for n in todo])
     return paths
 
 

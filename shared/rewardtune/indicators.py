@@ -64,12 +64,33 @@ def gold_at_best_proxy(train: Sequence[float], unseen: Sequence[float]) -> tuple
     return best, unseen[best], unseen[best] - unseen[0]
 
 
+def best_heldout_index(train: Sequence[float], unseen: Mapping[str, Sequence[float]],
+                       base_ci_low: Mapping[str, float]) -> int:
+    """Best-held-out checkpoint: argmax_c r_train(c) over the checkpoints c whose every unseen reward keeps
+    r_u(c) ≥ the lower end of the base model's 95% CI of r_u (held-out prompts); base always qualifies, so
+    there is always an answer. Ties go to the earliest checkpoint.
+
+    The training reward picks among the checkpoints the unseen rewards have not measurably turned against,
+    instead of taking the last (most optimized, most likely overoptimized) one.
+    """
+    if not train:
+        raise ValueError("train is empty; entry 0 must be the base model")
+    for name, series in unseen.items():
+        if len(series) != len(train):
+            raise ValueError(f"unseen reward {name} has {len(series)} checkpoints but train has {len(train)}")
+    if set(unseen) != set(base_ci_low):
+        raise ValueError(f"base_ci_low covers {sorted(base_ci_low)} but the unseen rewards are {sorted(unseen)}")
+    admissible = [c for c in range(len(train)) if c == 0 or all(unseen[u][c] >= base_ci_low[u] for u in unseen)]
+    return max(admissible, key=lambda c: (train[c], -c))
+
+
 DEFINITIONS: dict[str, str] = {
     "change_from_base": change_from_base.__doc__ or "",
     "change_per_gain": change_per_gain.__doc__ or "",
     "first_below_base": first_below_base.__doc__ or "",
     "first_unseen_below_base": first_unseen_below_base.__doc__ or "",
     "gold_at_best_proxy": gold_at_best_proxy.__doc__ or "",
+    "best_heldout_index": best_heldout_index.__doc__ or "",
 }
 
 

@@ -282,3 +282,16 @@ def merge_evaluations(eval_dirs: list[str | Path], out_dir: str | Path) -> Path:
             if not target.exists():
                 shutil.copytree(result.parent, target)
     return out
+
+
+def export_stage(run_dir: str | Path, eval_dirs: list[str | Path], out_dir: str | Path, select: str = "best-heldout",
+                 merge: bool = True, push_to_hub: str = "") -> dict[str, Any]:
+    """The DAG's export step: merge the per-checkpoint evaluations, then `rewardtune export` into `out_dir`."""
+    import tempfile
+
+    from rewardtune.export import export_model
+
+    with tempfile.TemporaryDirectory() as merged:
+        merge_evaluations(list(eval_dirs), merged)
+        return export_model(Path(run_dir), Path(merged), select, Path(out_dir), merge=merge,
+                            push_to_hub=push_to_hub or None)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 from safetensors.torch import load_file, save_file
 
 from rewardtune import digests
@@ -71,6 +74,7 @@ from rewardtune.temporal import (
     standardize,
     step_rewards,
 )
+from rewardtune.tracking import TrainingTracker
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,18 @@ def load_optimizer_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path.parent}: {path.name} could not be read ({_first_line(err)}); {fix}") from None
 
 
+class InlineExecutor:
+    """`sampling.reward_workers: 0`: score in the sampling thread (serialized; the overlap's baseline)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - re-raised by .result(), as a pool would
+            future.set_exception(err)
+        return future
+
+
 @dataclass
 class EpochSamples:
     """One epoch's on-policy data; the step axis is the denoising step k (not the timestep value)."""
@@ -137,7 +153,8 @@ class EpochSamples:
 @dataclass
 class EpochTimes:
     sampling: float = 0.0
-    reward: float = 0.0
+    reward: float = 0.0  # computing rewards (in the reward thread, overlapping sampling)
+    reward_wait: float = 0.0  # waiting for rewards after the last batch sampled: what the overlap did not hide
     training: float = 0.0
 
 
@@ -163,7 +180,9 @@ class Trainer:
             cpu=device.type == "cpu",
             mixed_precision=cfg.training.mixed_precision,
             gradient_accumulation_steps=accumulation,
+            **TrainingTracker.accelerator_kwargs(cfg, self.out_dir),
         )
+        self.tracker = TrainingTracker(self.accelerator, cfg, self.out_dir)
         self.device = self.accelerator.device
         require_shared_dir(self.out_dir, self.accelerator)  # before any work: all processes fail together
         if cfg.training.allow_tf32 and self.device.type == "cuda":
@@ -178,6 +197,7 @@ class Trainer:
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
         self._check_prompt_lengths()
         self.reward_fn = build_reward(cfg.reward, self.device)
+        self.reward_pool = InlineExecutor() if cfg.sampling.reward_workers == 0 else ThreadPoolExecutor(1, "reward")
         algo = cfg.algorithm
         self.constraints = algo.constraints
         self.aux_reward_fns = [build_reward(c.reward, self.device) for c in self.constraints]
@@ -311,15 +331,15 @@ class Trainer:
                 if self.cfg.algorithm.critic.kl_coef > 0:
                     extras["ref_log_probs"] = self.reference_log_probs(traj)
             times.sampling += time.perf_counter() - start
-            start = time.perf_counter()
-            scores = [check_finite(self.cfg.reward.name, self.reward_fn(traj.images, prompts).float(), prompts)]
-            for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
-                scores.append(check_finite(spec.reward.name, fn(traj.images, prompts).float(), prompts))
-            times.reward += time.perf_counter() - start
-            rewards = torch.stack([score.to(self.device) for score in scores], dim=1)
+            # scored in the reward thread while the next batch samples (ddpo-pytorch's executor)
+            rewards = self.reward_pool.submit(self.score_batch, traj.images, prompts, times)
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
             fault_point("sample")
             self.safe_point(epoch)
+        start = time.perf_counter()
+        for part in parts:
+            part["rewards"] = part["rewards"].result()
+        times.reward_wait += time.perf_counter() - start
         def cat(get) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
 
@@ -338,6 +358,16 @@ class Trainer:
                 **{name: cat(lambda p, name=name: p["extras"][name]) for name in parts[0]["extras"]},
             },
         )
+
+    @torch.no_grad()
+    def score_batch(self, images: torch.Tensor, prompts: list[str], times: EpochTimes) -> torch.Tensor:
+        """[B, 1 + constraints] rewards of one sampled batch; raises (never guesses) when a reward fails."""
+        start = time.perf_counter()
+        scores = [check_finite(self.cfg.reward.name, self.reward_fn(images, prompts).float(), prompts)]
+        for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
+            scores.append(check_finite(spec.reward.name, fn(images, prompts).float(), prompts))
+        times.reward += time.perf_counter() - start
+        return torch.stack([score.to(self.device) for score in scores], dim=1)
 
     @torch.no_grad()
     def critic_input(self, latents: torch.Tensor) -> torch.Tensor:
@@ -757,35 +787,31 @@ class Trainer:
         votes = self.accelerator.gather(vote)
         return bool(votes[:, 0].max() > 0), bool(votes[:, 1].min() > 0)
 
-    def _lock_out_dir(self) -> int:
-        """An exclusive lock on the run directory, held for the whole run.
+    def _lock_out_dir(self) -> FileLock:
+        """An exclusive lock on the run directory, held for the whole run (filelock: flock on POSIX).
 
         A retried pod can start while the old one is still inside its termination grace, writing its last
         checkpoint; the new one waits up to `checkpointing.lock_wait_s` for it instead of writing alongside.
         """
-        import fcntl
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / ".rewardtune.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.cfg.checkpointing.lock_wait_s
-        waiting = False
-        while True:
+        lock = FileLock(path, mode=0o644)
+        wait = self.cfg.checkpointing.lock_wait_s
+        try:
+            lock.acquire(timeout=0)
+        except FileLockTimeout:
+            if wait > 0:
+                log.warning("%s is locked by another run; waiting up to %g s", self.out_dir, wait)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise RewardtuneError(
-                        f"{self.out_dir} is in use by another `rewardtune train` (lock {path.name} held for "
-                        f"{self.cfg.checkpointing.lock_wait_s:g} s); wait for it to end or choose another --out"
-                    ) from None
-                if not waiting:
-                    log.warning("%s is locked by another run; waiting up to %g s", self.out_dir,
-                                self.cfg.checkpointing.lock_wait_s)
-                    waiting = True
-                time.sleep(0.2)
+                if wait <= 0:
+                    raise
+                lock.acquire(timeout=wait, poll_interval=0.2)
+            except FileLockTimeout:
+                raise RewardtuneError(
+                    f"{self.out_dir} is in use by another `rewardtune train` (lock {path.name} held for "
+                    f"{wait:g} s); wait for it to end or choose another --out"
+                ) from None
+        return lock
 
     # ------------------------------------------------------------------ the job
     def run(self, resume: bool = False) -> Path:
@@ -806,8 +832,9 @@ class Trainer:
             # way out of a clean stop: they keep this (recording, not killing) handler until they exit.
             if handler_installed and not (stopped and self.accelerator.num_processes > 1):
                 signal.signal(signal.SIGTERM, previous)
+            self.tracker.finish()
             if lock is not None:
-                os.close(lock)  # releases the flock
+                lock.release()
 
     def _run(self, resume: bool) -> Path:
         cfg = self.cfg
@@ -828,6 +855,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate_to(self.epochs_done)
             write_text_atomic(self.out_dir / "config.yaml", cfg.to_yaml())
+        self.tracker.start(self.epochs_done)
         for epoch in range(self.epochs_done, cfg.training.epochs):
             set_seed(epoch_seed(cfg.training.seed, epoch, self.accelerator.process_index))
             self.epoch_started_at = time.monotonic()
@@ -867,10 +895,12 @@ class Trainer:
                 "images_per_s": epoch_images / (time.perf_counter() - start),
                 "time_sampling_s": times.sampling,
                 "time_reward_s": times.reward,
+                "time_reward_wait_s": times.reward_wait,
                 "time_training_s": times.training,
             }
             if self.is_main:
                 self.metrics.append(record)
+                self.tracker.log_epoch(record, samples.images, samples.prompts, samples.rewards)
                 log.info("epoch %d: reward %.4f ± %.4f, kl %.2e, clipfrac %.3f", epoch, record["reward_mean"],
                          record["reward_std"], record["approx_kl"], record["clipfrac"])
             fault_point("metrics")

@@ -2,16 +2,26 @@
 
 Rewards register a builder under their config name; `build_reward` turns a `RewardSpec` into a
 callable on the requested device. Model-based rewards load only through the model cache.
+
+Which names exist comes from the entry points of group `rewardtune.rewards` (see `rewardtune.plugins`):
+the built-ins, the testbed and any installed package declare `name = "module"` (the module registers
+itself with `register`) or `name = "module:builder"` (a `builder(spec, device) -> reward`; its optional
+`options` attribute lists the option keys it reads). A plugin is imported the first time its name is used.
 """
 
 from __future__ import annotations
 
+import logging
+import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from rewardtune.errors import RewardError
+from rewardtune.errors import RewardError, RewardtuneError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rewardtune.cache import ModelRef
@@ -33,6 +43,8 @@ _TOWERS: dict[str, TowerFn] = {}
 _TOWER_CHECKPOINTS: dict[str, TowerFn] = {}
 _OPTIONS: dict[str, frozenset[str]] = {}
 _CHECKS: dict[str, Callable[[dict], object]] = {}
+TowerLoader = Callable[[Path, torch.device, torch.dtype], Any]
+_TOWER_LOADERS: list[tuple[Callable[[Path], bool], TowerLoader]] = []
 
 
 def register(
@@ -53,7 +65,7 @@ def register(
 
 def check_options(name: str, options: dict) -> None:
     """Raise ValueError naming the option when a value is not allowed (unknown keys: `unknown_options`)."""
-    _load_builtin()
+    _ensure(name)
     if name in _CHECKS:
         _CHECKS[name](options)
 
@@ -66,6 +78,26 @@ def register_sources(name: str) -> Callable[[SourcesFn], SourcesFn]:
         return fn
 
     return wrap
+
+
+def register_tower_loader(probe: Callable[[Path], bool]) -> Callable[[TowerLoader], TowerLoader]:
+    """Register an image-tower loader for directories `probe(dir)` recognizes (e.g. the testbed proxy's features)."""
+
+    def wrap(fn: TowerLoader) -> TowerLoader:
+        _TOWER_LOADERS.append((probe, fn))
+        return fn
+
+    return wrap
+
+
+def tower_loader(directory: Path) -> TowerLoader | None:
+    """The plugin loader for a tower directory, importing every reward plugin that may declare one."""
+    for name in reward_names():
+        try:
+            _ensure(name)
+        except RewardtuneError as err:  # a broken third-party plugin must not break every other tower
+            log.debug("tower lookup skipped %s: %s", name, err)
+    return next((fn for probe, fn in _TOWER_LOADERS if probe(directory)), None)
 
 
 def register_tower(name: str) -> Callable[[TowerFn], TowerFn]:
@@ -88,7 +120,7 @@ def register_tower_checkpoint(name: str) -> Callable[[TowerFn], TowerFn]:
 
 def reward_model_refs(spec: RewardSpec) -> list[ModelRef]:
     """The models (sources) a reward loads; empty for model-free rewards (JPEG, brightness)."""
-    _load_builtin()
+    _ensure(spec.name)
     fn = _SOURCES.get(spec.name)
     return fn(spec) if fn else []
 
@@ -101,37 +133,52 @@ def critic_tower_source(spec: RewardSpec) -> str | None:
     hpsv2 -> its own open_clip ViT-H-14 checkpoint. None for model-free rewards (JPEG, brightness):
     set algorithm.critic.image_encoder for those.
     """
-    _load_builtin()
+    _ensure(spec.name)
     fn = _TOWERS.get(spec.name)
     return fn(spec) if fn else None
 
 
 def critic_tower_checkpoint(spec: RewardSpec) -> str | None:
     """The checkpoint file within `critic_tower_source(spec)` the critic's tower must load; None: the source's default."""
-    _load_builtin()
+    _ensure(spec.name)
     fn = _TOWER_CHECKPOINTS.get(spec.name)
     return fn(spec) if fn else None
 
 
 def unknown_options(name: str, options: dict) -> list[str]:
     """Option keys a reward does not read: a misspelled option must not silently fall back to a default."""
-    _load_builtin()
+    _ensure(name)
     return sorted(set(options) - _OPTIONS.get(name, frozenset()))
 
 
 def allowed_options(name: str) -> list[str]:
-    _load_builtin()
+    _ensure(name)
     return sorted(_OPTIONS.get(name, frozenset()))
 
 
 def reward_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    """Every reward a config may name: the registered ones and every entry point (not imported here)."""
+    from rewardtune.plugins import REWARDS, entry_points
+
+    return sorted(set(_REGISTRY) | set(entry_points(REWARDS)))
+
+
+def default_unseen_names() -> list[str]:
+    """Rewards evaluation scores by default: this package's own, minus those that need a config to mean
+    anything (python, http) and the testbed's (only meaningful on its own world); plugins are named explicitly."""
+    from rewardtune.plugins import REWARDS, is_builtin
+
+    return [n for n in reward_names() if is_builtin(REWARDS, n) and n not in ("python", "http") and not n.startswith("testbed_")]
 
 
 def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward:
-    _load_builtin()
-    return _REGISTRY[spec.name](spec, torch.device(device))
+    from rewardtune.plugins import REWARDS, is_builtin
+
+    _ensure(spec.name)
+    reward = _REGISTRY[spec.name](spec, torch.device(device))
+    if not is_builtin(REWARDS, spec.name):
+        return CheckedReward(reward, spec.name)  # third-party output is checked before training sees it
+    return reward
 
 
 def check_finite(name: str, scores: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -146,13 +193,54 @@ def check_finite(name: str, scores: torch.Tensor, prompts: Sequence[str]) -> tor
     return scores
 
 
-def _load_builtin() -> None:
-    from rewardtune.rewards import (  # noqa: F401  (register on import)
-        aesthetic,
-        clipscore,
-        hpsv2,
-        imagereward,
-        pickscore,
-        simple,
-    )
-    from rewardtune.testbed import gold, proxy  # noqa: F401  (the testbed world's rewards)
+def check_scores(name: str, scores: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """A reward's output as float32 [B] on the images' device; wrong type, shape, device or NaN is one line."""
+    batch = images.shape[0]
+    if isinstance(scores, torch.Tensor):
+        if scores.device != images.device:
+            raise RewardError(f"reward '{name}' returned scores on {scores.device} for images on {images.device}; "
+                              "return them on the images' device (scores.to(images.device))")
+    else:
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float32, device=images.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise RewardError(f"reward '{name}' returned {type(scores).__name__}, not a tensor/array/list of "
+                              f"{batch} numbers ({str(err)[:100]})") from None
+    if scores.dim() == 2 and scores.shape[1] == 1:
+        scores = scores[:, 0]
+    if tuple(scores.shape) != (batch,):
+        raise RewardError(f"reward '{name}' returned scores of shape {tuple(scores.shape)} for {batch} images; "
+                          f"return one number per image, shape [{batch}]")
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise RewardError(f"reward '{name}' returned {scores.dtype} scores; return real numbers")
+    return check_finite(name, scores.float(), prompts)
+
+
+class CheckedReward:
+    """Wraps a reward from outside the package: every call's output goes through `check_scores`."""
+
+    def __init__(self, inner: Reward, name: str) -> None:
+        self.inner, self.name = inner, name
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return check_scores(self.name, self.inner(images, prompts), images, prompts)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+
+def _ensure(name: str) -> None:
+    """Import the plugin that provides `name` (once); an unknown name is left for the caller to report."""
+    if name in _REGISTRY:
+        return
+    from rewardtune.plugins import REWARDS, entry_points, load
+
+    if name not in entry_points(REWARDS):
+        return
+    obj = load(REWARDS, name)
+    if name in _REGISTRY:  # a module that registered itself on import
+        return
+    if isinstance(obj, types.ModuleType) or not callable(obj):
+        raise RewardError(f"plugin {REWARDS}:{name} = {entry_points(REWARDS)[name].value!r} neither registered "
+                          f"'{name}' on import nor is a builder(spec, device) -> reward")
+    register(name, tuple(getattr(obj, "options", ())))(obj)

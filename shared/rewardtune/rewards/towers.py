@@ -180,12 +180,11 @@ def _load_tower(source: str, device: torch.device, dtype: torch.dtype, checkpoin
     directory = resolve_local(ref.source, ref.revision, ref.files)
     if directory.is_file():
         directory = directory.parent
-    from rewardtune.testbed.proxy import CONFIG as PROXY_CONFIG
+    from rewardtune.rewards import tower_loader
 
-    if (directory / PROXY_CONFIG).is_file():  # the testbed proxy's own conv features
-        from rewardtune.testbed.proxy import proxy_tower
-
-        return proxy_tower(directory, device, dtype)
+    plugin = tower_loader(directory)  # a reward plugin's own tower (the testbed proxy's conv features)
+    if plugin is not None:
+        return plugin(directory, device, dtype)
     kind, where = find_tower_dir(directory)
     if kind == "hf":
         return _hf_tower(where, device, dtype)

@@ -30,7 +30,7 @@ from torch import nn
 
 from rewardtune.cache import ModelRef, resolve_local
 from rewardtune.errors import RewardError
-from rewardtune.rewards import register, register_sources, register_tower
+from rewardtune.rewards import register, register_sources, register_tower, register_tower_loader
 
 log = logging.getLogger(__name__)
 WEIGHTS = "proxy.safetensors"
@@ -69,19 +69,10 @@ def _to32(images: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); scipy is not a dependency."""
-    def ranks(x: Sequence[float]) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        order = np.argsort(x, kind="mergesort")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for value in np.unique(x):  # average ties
-            tied = x == value
-            r[tied] = r[tied].mean()
-        return r
+    """Spearman rank correlation (average ranks for ties), by scipy.stats."""
+    import scipy.stats
 
-    ra, rb = ranks(a), ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -132,6 +123,11 @@ def _tower(spec) -> str:
     return spec.source or default_source()
 
 
+def _is_proxy_dir(directory: Path) -> bool:
+    return (directory / CONFIG).is_file()
+
+
+@register_tower_loader(_is_proxy_dir)
 def proxy_tower(directory: Path, device: torch.device, dtype: torch.dtype):
     """The proxy's pooled conv features as a frozen image tower (L2-normalized by ClipImageTower)."""
     from rewardtune.rewards.towers import ClipImageTower
