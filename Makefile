@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo compile test test-all lint clean
+.PHONY: install demo compile test test-all fuzz-long lint clean
 
 $(BIN)/rewardtune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+# The input fuzz's long profile (random seeds, RT_FUZZ_SCALE x the default cases); one JSON line per case in FUZZ_LOG.
+FUZZ_LOG ?= runs/fuzz-long.jsonl
+fuzz-long: install
+	mkdir -p $(dir $(FUZZ_LOG))
+	RT_FUZZ_PROFILE=long RT_FUZZ_LOG=$(FUZZ_LOG) $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py
 
 lint: install
 	$(BIN)/ruff check shared tests benchmarks pipelines components images

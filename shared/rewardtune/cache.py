@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardtune.errors import RewardtuneError
+from rewardtune.safe_paths import UnsafePathError, apply_umask, check_relative_name, contained
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,35 @@ def _list_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts)
 
 
+# --------------------------------------------------------------------------------------------- untrusted names
+
+
+def check_key(key: str) -> str:
+    """A cache key is one path component (what `cache_key` makes); a URI's last part may be anything."""
+    if "/" in key or key in (".", "..") or key.startswith("."):
+        raise UnsafePathError(f"cache key {key!r} is not a model entry name; refused")
+    return check_relative_name(key, "cache key")
+
+
+def check_manifest(manifest: Any, where: str, label: str) -> dict[str, dict[str, Any]]:
+    """The manifest's file table, refused unless every entry is a safe relative name with a size and sha256.
+
+    Anyone who can write to the cache can write a manifest: its names are joined onto local directories, so
+    `/abs/path` or `../../x` must never be followed (they would write or read outside the model directory).
+    """
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CacheError(f"model {label}: the manifest in cache {where} lists no files (missing or empty 'files'); "
+                         "delete the entry and re-run `rewardtune cache-models`")
+    for rel, meta in files.items():
+        check_relative_name(rel, f"model {label}: manifest in cache {where}")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool)
+                or not isinstance(meta.get("sha256"), str)):
+            raise CacheError(f"model {label}: manifest entry {rel!r} in cache {where} needs an integer size and a "
+                             "sha256; delete the entry and re-run `rewardtune cache-models`")
+    return files
+
+
 # --------------------------------------------------------------------------------------------- backends
 
 
@@ -124,20 +154,31 @@ class DirCache:
     def uri(self, key: str = "") -> str:
         return str(self.root / key) if key else str(self.root)
 
+    def entry(self, key: str) -> Path:
+        return contained(self.root, check_key(key), f"cache {self.root}")
+
     def read_manifest(self, key: str) -> dict[str, Any] | None:
-        path = self.root / key / MANIFEST
-        return json.loads(path.read_text()) if path.is_file() else None
+        path = self.entry(key) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CacheError(f"manifest {path} is not valid JSON; re-run `rewardtune cache-models --force` for this "
+                             "model") from None
 
     def file_sha256(self, key: str, rel: str) -> str | None:
-        path = self.root / key / FILES / rel
+        path = contained(self.entry(key) / FILES, rel, f"cache entry {key}")
         return sha256_file(path) if path.is_file() else None
 
     def put_file(self, key: str, rel: str, local: Path, sha256: str) -> None:
-        dest = self.root / key / FILES / rel
+        dest = contained(self.entry(key) / FILES, rel, f"cache entry {key}")
         tmp = dest.with_name(f".{dest.name}.partial")
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local, tmp)
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
             os.replace(tmp, dest)
         except OSError as err:  # disk full, read-only mount, ...: the entry stays without a manifest
             with contextlib.suppress(OSError):
@@ -146,13 +187,16 @@ class DirCache:
                              "stays incomplete and is never loaded") from None
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
-        dest = self.root / key / MANIFEST
+        dest = self.entry(key) / MANIFEST
         tmp = dest.with_name(f".{MANIFEST}.partial")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        with tmp.open("w") as handle:
+            handle.write(json.dumps(manifest, indent=1, sort_keys=True))
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, dest)
 
     def get_file(self, key: str, rel: str, dest: Path) -> None:
-        src = self.root / key / FILES / rel
+        src = contained(self.entry(key) / FILES, rel, f"cache entry {key}")
         if not src.is_file():
             raise CacheError(f"model {key}: file {rel} listed in its manifest is missing from cache {self.uri(key)}")
         shutil.copyfile(src, dest)
@@ -452,13 +496,21 @@ def workdir() -> Path:
 
 
 def _verify_dir(root: Path, manifest: dict[str, Any], where: str, label: str) -> None:
-    for rel, meta in manifest["files"].items():
-        path = root / rel
+    for rel, meta in check_manifest(manifest, where, label).items():
+        path = contained(root, rel, f"model {label}: manifest in cache {where}")
         if not path.is_file():
             raise CacheError(f"model {label}: file {rel} is missing in cache {where}; re-run `rewardtune cache-models`")
         if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             raise CacheError(f"model {label}: {rel} is corrupt (sha256 mismatch) in cache {where}; "
                              "delete the entry and re-run `rewardtune cache-models`")
+
+
+def _same_manifest(path: Path, manifest: dict[str, Any]) -> bool:
+    """Whether a local copy's manifest is this one (an unreadable local manifest is just not the same)."""
+    try:
+        return path.is_file() and json.loads(path.read_text()) == manifest
+    except (OSError, ValueError):
+        return False
 
 
 def materialize(cache: Cache, key: str, dest_root: Path | None = None, label: str | None = None) -> Path:
@@ -467,14 +519,15 @@ def materialize(cache: Cache, key: str, dest_root: Path | None = None, label: st
     if manifest is None:
         raise CacheError(f"model {label or key} is not in cache {cache.uri()} (no manifest {key}/{MANIFEST}: missing "
                          "or incomplete); run `rewardtune cache-models --config ... --cache ...`")
-    label = label or manifest.get("source", key)
+    label = label or str(manifest.get("source", key) if isinstance(manifest, dict) else key)
+    files = check_manifest(manifest, cache.uri(key), label)
     if isinstance(cache, DirCache):
-        root = cache.root / key / FILES
+        root = cache.entry(key) / FILES
         _verify_dir(root, manifest, cache.uri(key), label)
         return root
-    dest = (dest_root or workdir()) / key
+    dest = Path(dest_root or workdir()) / check_key(key)
     local_manifest = dest / MANIFEST
-    if local_manifest.is_file() and json.loads(local_manifest.read_text()) == manifest:
+    if _same_manifest(local_manifest, manifest):
         try:  # re-verified on every load: a local file corrupted since (disk, another job) is never used
             _verify_dir(dest / FILES, manifest, str(dest), label)
             return dest / FILES
@@ -483,18 +536,19 @@ def materialize(cache: Cache, key: str, dest_root: Path | None = None, label: st
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest.parent))
     try:
-        for rel in manifest["files"]:
-            target = staging / FILES / rel
+        for rel in files:
+            target = contained(staging / FILES, rel, f"model {label}: manifest in cache {cache.uri(key)}")
             target.parent.mkdir(parents=True, exist_ok=True)
             cache.get_file(key, rel, target)
         _verify_dir(staging / FILES, manifest, cache.uri(key), label)
         (staging / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
+        apply_umask(staging)  # mkdtemp made it 0700: other users of a shared working dir must read it
         if dest.exists():
             shutil.rmtree(dest, ignore_errors=True)
         try:
             os.replace(staging, dest)
         except OSError:  # another process materialized it meanwhile; use theirs if it is this version
-            if not (local_manifest.is_file() and json.loads(local_manifest.read_text()) == manifest):
+            if not _same_manifest(local_manifest, manifest):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -513,7 +567,7 @@ def resolve_source(source: str, revision: str | None = None, files: Iterable[str
         if source.startswith("s3://"):
             cache, key = split_cache_uri(source)
         else:
-            path = Path(source.removeprefix("file://")).expanduser()
+            path = Path(source.removeprefix("file://")).expanduser().resolve()
             cache, key = DirCache(path.parent), path.name
         return materialize(cache, key)
     cache_uri = os.environ.get(CACHE_ENV)

@@ -7,6 +7,7 @@ never loaded. Resume picks the newest valid checkpoint and skips broken ones wit
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -18,12 +19,14 @@ from typing import Any
 
 from rewardtune.errors import CheckpointError
 from rewardtune.faults import fault_point
+from rewardtune.safe_paths import UnsafePathError, apply_umask, contained
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 # Resume never starts from a pre-reset checkpoint: it is a rollback point, not the run's state.
 RESUMABLE_KINDS = ("regular", "post_reset")
+KINDS = ("regular", "pre_reset", "post_reset")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -46,11 +49,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Temp file, fsync, rename: a reader sees the old content or the new, never a torn file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave temp files behind either
+        raise
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -69,17 +76,26 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(epochs_done, kind)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    fault_point("checkpoint_files")
-    files = {
-        str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file()
-    }
-    write_json_atomic(tmp / MANIFEST, {"epochs_done": epochs_done, "kind": kind, "meta": meta, "files": files})
-    _fsync_tree(tmp)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        fault_point("checkpoint_files")
+        apply_umask(tmp)  # safetensors writes 0600: another pod's user on a shared volume must read it too
+        files = {
+            str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        write_json_atomic(tmp / MANIFEST, {"epochs_done": epochs_done, "kind": kind, "meta": meta, "files": files})
+        _fsync_tree(tmp)
+    except Exception as err:
+        failure = storage_failure(err, root)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{failure} while writing checkpoint {final}; the partial write was removed and "
+                              f"{_previous_state(root)}; {_fix_for(failure)}") from None
     fault_point("checkpoint_rename")
     if final.exists():
         trash = root / f".trash-{final.name}-{os.getpid()}"
@@ -91,6 +107,55 @@ def save_checkpoint(
         tmp.rename(final)
     _fsync_dir(root)
     return final
+
+
+DISK_FULL = "disk full (no space left on the device)"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("no space left", "os error 28", "disk quota exceeded", "os error 122")
+_TORCH_WRITE_TEXT = ("inline_container", "unexpected pos", "pytorchstreamwriter")
+
+
+def free_bytes(path: Path) -> int | None:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def storage_failure(err: BaseException, where: Path) -> str | None:
+    """What a failed write means for the user, or None if it is not a storage failure (a bug: re-raised).
+
+    torch.save reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`,
+    losing the errno; the filesystem's free space (read before the partial write is removed) says then.
+    """
+    text = str(err).lower()
+    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS or any(t in text for t in _FULL_TEXT):
+        return DISK_FULL
+    if any(t in text for t in _TORCH_WRITE_TEXT):
+        free = free_bytes(where)
+        return DISK_FULL if free is not None and free < (1 << 20) else "a write error (torch could not write the file)"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err} (errno {err.errno})"
+    return None
+
+
+def _fix_for(failure: str) -> str:
+    if failure == DISK_FULL:
+        return "free space (or lower checkpointing.keep_last) and run again with --resume"
+    return "fix the storage and run again with --resume"
+
+
+def _previous_state(root: Path) -> str:
+    """Which checkpoint a resume would continue from, checked, so that the message's promise is true."""
+    found = list_checkpoints(root)
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return f"the previous checkpoint {path.name} is intact"
+    return "no earlier checkpoint exists (a resume starts from epoch 0)"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -126,14 +191,22 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it was never completed")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not valid JSON") from None
-    for name, entry in manifest["files"].items():
-        file = path / name
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or not files or manifest.get("kind") not in KINDS
+            or not isinstance(manifest.get("epochs_done"), int) or isinstance(manifest.get("epochs_done"), bool)):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lacks a valid files/kind/epochs_done entry (damaged)")
+    for name, entry in files.items():
+        try:
+            file = contained(path, name, f"checkpoint {path}")
+        except UnsafePathError as err:
+            raise CheckpointError(str(err)) from None
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+        if (not isinstance(entry, dict) or file.stat().st_size != entry.get("size")
+                or sha256_file(file) != entry.get("sha256")):
             raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 (corrupt)")
     return manifest
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from rewardtune.errors import RewardtuneError, Terminated
+from rewardtune.errors import RewardtuneError, Terminated, describe_os_error, one_line
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> None:
@@ -68,6 +68,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from rewardtune.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
+    if args.resume and not Path(args.out).exists():
+        from rewardtune.resume_policy import missing_out_warning
+
+        logging.getLogger("rewardtune.train").warning(missing_out_warning(Path(args.out)))
     out = Trainer(cfg, args.out).run(resume=args.resume)
     print(f"metrics: {out / 'metrics.jsonl'}")
     print(f"checkpoints: {out / 'checkpoints'}")
@@ -304,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     except RewardtuneError as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment (permissions, read-only or full disk), not a bug: one line too
+        if args.verbose:
+            raise
+        print(f"error: {one_line(describe_os_error(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

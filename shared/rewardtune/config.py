@@ -7,6 +7,7 @@ The CLI, the KFP components and the tests all build a `RunConfig` through `load_
 from __future__ import annotations
 
 import difflib
+import math
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,9 @@ def _no_credentials(source: str | None) -> str | None:
 class _Strict(BaseModel):
     """Unknown keys are errors: a misspelled key must never silently fall back to a default."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite hyperparameter is refused here, naming the field, instead of
+    # turning every weight into NaN many steps later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -81,6 +84,12 @@ class PromptsConfig(_Strict):
     def _template_has_slot(cls, template: str) -> str:
         if "{}" not in template:  # a field validator, so the error names prompts.template
             raise ValueError("template must contain '{}' where the prompt goes, e.g. 'a photo of a {}'")
+        if len(template.strip().splitlines()) > 1:
+            raise ValueError("template must be one line: prepare-prompts writes one prompt a line")
+        try:
+            template.format("prompt")
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise ValueError("template may hold only '{}' as a placeholder; write a literal brace as '{{' or '}}'") from None
         return template
 
 
@@ -147,6 +156,14 @@ class RewardSpec(_Strict):
         for value in options.values():
             if isinstance(value, str):
                 _no_credentials(value)
+        return options
+
+    @field_validator("options")
+    @classmethod
+    def _options_are_finite(cls, options: dict[str, Any]) -> dict[str, Any]:
+        for key, value in options.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"option {key} must be a finite number (got {value})")
         return options
 
     @model_validator(mode="after")
@@ -342,7 +359,7 @@ class TrainingConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seed range (accelerate seeds numpy with it).")
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
 
 
@@ -370,7 +387,7 @@ class EvaluationConfig(_Strict):
     num_heldout_prompts: int = Field(16, ge=1, description="Held-out prompts evaluated (the first N of a seeded shuffle).")
     num_train_prompts: int = Field(8, ge=0, description="Training prompts evaluated beside them (0 for none).")
     images_per_prompt: int = Field(4, ge=1, description="Images per prompt; diversity needs at least 2.")
-    seed: int = Field(20240601, description="Base of every per-image noise seed (independent of training.seed).")
+    seed: int = Field(20240601, ge=0, description="Base of every per-image noise seed (independent of training.seed).")
     batch_size: int = Field(16, ge=1, description="Images generated and scored per batch.")
     image_tower: str | None = Field(
         None,
@@ -486,7 +503,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. training.epochs=3)")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                              "quote it, e.g. key='value'") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -506,7 +528,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -238,6 +238,21 @@ def checkpoint_names(run_dir: Path, checkpoint: str | None = None) -> list[str]:
     return names
 
 
+def check_trained_with(path: Path, manifest: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse a checkpoint trained on another base model or policy shape: its scores would be meaningless.
+
+    The same fields `train --resume` refuses to change; checkpoints written before a field was recorded
+    are not held to it.
+    """
+    meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
+    lora = cfg.model.finetune == "lora"
+    for key, want in (("model_source", cfg.model.source), ("finetune", cfg.model.finetune),
+                      ("lora_rank", cfg.model.lora_rank if lora else None)):
+        if key in meta and meta[key] != want:
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]!r}, the config has {want!r}; "
+                                  "evaluate with the config the run was trained with")
+
+
 def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
     """Epoch, kind and samples seen of a checkpoint; base is epoch 0, 0 samples."""
     if name == BASE:
@@ -306,11 +321,7 @@ class Evaluator:
             unet.disable_adapters()
         else:
             path = self.run_dir / "checkpoints" / name
-            meta = verify_checkpoint(path).get("meta", {})
-            for key, want in (("finetune", self.cfg.model.finetune),
-                              ("lora_rank", self.cfg.model.lora_rank if lora else None)):
-                if key in meta and meta[key] != want:
-                    raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]!r}, the config has {want!r}")
+            check_trained_with(path, verify_checkpoint(path), self.cfg)
             if lora:
                 unet.enable_adapters()
             load_policy_weights(unet, self.cfg.model, path)
@@ -473,6 +484,9 @@ def evaluate_run(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     prompts_dir = Path(prompts_dir) if prompts_dir is not None else None
     names = checkpoint_names(run_dir, checkpoint)
+    for name in names[1:]:  # before any work: a mismatch must not cost a base-model evaluation first
+        path = run_dir / "checkpoints" / name
+        check_trained_with(path, verify_checkpoint(path), cfg)
     remove_stale_results(out_dir)
     todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
     paths = [out_dir / n / "metrics.json" for n in names]

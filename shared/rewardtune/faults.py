@@ -7,12 +7,14 @@ one dict lookup and does nothing.
 
 - ``RT_FAULT_AT="optimizer_step:3"`` sends SIGKILL to this process the 3rd time that point is reached;
   ``"term@sample:2"`` sends SIGTERM instead (what Kubernetes sends first). Several, comma-separated.
+- ``"enospc@checkpoint_files:1"`` raises ``OSError(ENOSPC)`` there instead: a disk that fills up mid-write.
 - ``RT_FAULT_TRACE=FILE`` appends ``phase:n`` for every point reached (the harness samples kill points
   from the trace of an uninterrupted run, so every sampled point is really reached).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections import Counter
@@ -36,5 +38,7 @@ def fault_point(phase: str) -> None:
             handle.write(here + "\n")
     for item in filter(None, (s.strip() for s in spec.split(","))):
         action, _, point = item.rpartition("@")
+        if point == here and action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if point == here:
             os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGKILL)

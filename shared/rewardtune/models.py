@@ -51,7 +51,13 @@ def check_pipeline_dir(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise RewardtuneError(f"model directory {path} has no model_index.json; it is not a diffusers pipeline directory")
-    listed = json.loads(index.read_text())
+    try:
+        listed = json.loads(index.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        listed = None
+    if not isinstance(listed, dict):
+        raise RewardtuneError(f"model directory {path}: model_index.json is not a JSON object (damaged); re-save the "
+                              "pipeline with save_pretrained")
     for name in REQUIRED_COMPONENTS:
         if name not in listed or not (path / name).is_dir():
             raise RewardtuneError(
@@ -76,9 +82,10 @@ def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
             requires_safety_checker=False,
             local_files_only=offline or Path(location).exists(),
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file surfaces as any of a dozen types from diffusers/torch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RewardtuneError(f"could not load model.source {cfg.source}: {first}") from None
+        raise RewardtuneError(f"could not load model.source {cfg.source} ({type(err).__name__}): {first[:200]}; check "
+                              "its files or re-save the pipeline with save_pretrained") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 
@@ -99,14 +106,19 @@ def prepare_policy(pipe: StableDiffusionPipeline, cfg: ModelConfig, device: torc
         if dtype != torch.float32:
             module.to(dtype=dtype)
     if cfg.finetune == "lora":
-        pipe.unet.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(cfg.lora_target_modules),
+        try:
+            pipe.unet.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.lora_target_modules),
+                )
             )
-        )
+        except ValueError as err:  # peft: no module matched, or one it cannot wrap
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise RewardtuneError(f"model.lora_target_modules {cfg.lora_target_modules}: {first}; use e.g. to_q, to_k, "
+                                  "to_v, to_out.0") from None
         cast_training_params(pipe.unet, dtype=torch.float32)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -128,6 +140,18 @@ def save_policy(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> Non
 
 
 def load_policy_weights(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
+    """Checkpoint weights into `unet`; an unreadable or mismatched file is a one-line CheckpointError."""
+    try:
+        _load_policy_weights(unet, cfg, directory)
+    except RewardtuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors/diffusers/torch raise many types for a bad file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(f"checkpoint {directory}: the policy weights cannot be loaded ({type(err).__name__}: "
+                              f"{first}); use another checkpoint or the config it was trained with") from None
+
+
+def _load_policy_weights(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
     if cfg.finetune == "lora":
         state = load_file(directory / LORA_FILE)
         state = {k.removeprefix("unet."): v for k, v in state.items()}

@@ -8,6 +8,7 @@ Built-in sets mirror DDPO's prompt functions (Black et al., 2023) so paper runs 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from importlib import resources
@@ -35,6 +36,22 @@ def builtin_prompts(name: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def has_line_break(text: str) -> bool:
+    """Whether `text` would split into several lines when written one prompt a line and read back.
+
+    `str.splitlines` also splits on \\v, \\f, \\x1c-\\x1e, \\x85, \\u2028 and \\u2029, not only \\n and \\r.
+    """
+    return len(text.strip().splitlines()) > 1
+
+
+def _refuse_line_breaks(prompt: str, where: str) -> None:
+    """prepare-prompts writes one prompt a line: a prompt with a line break would come back as two prompts,
+    and could land on both sides of the train/held-out split."""
+    if has_line_break(prompt):
+        raise RewardtuneError(f"{where}: the prompt {prompt[:60]!r} contains a line break; prompts must be one line "
+                              "(replace the break with a space)")
+
+
 def read_prompt_file(path: Path) -> list[str]:
     """Read prompts from .txt (one per line), .jsonl ({"prompt": ...} per line) or .csv (a 'prompt' column)."""
     raw = path.read_bytes()
@@ -57,15 +74,18 @@ def read_prompt_file(path: Path) -> list[str]:
                 raise RewardtuneError(f'prompt file {path} line {number}: expected a JSON object with a "prompt" key') from None
             if not isinstance(value, str):
                 raise RewardtuneError(f'prompt file {path} line {number}: "prompt" must be a string, got {type(value).__name__}')
+            _refuse_line_breaks(value, f"prompt file {path} line {number}")
             prompts.append(value)
     elif suffix == ".csv":
         try:
-            rows = list(csv.DictReader(text.splitlines(), strict=True))
+            rows = list(csv.DictReader(io.StringIO(text, newline=""), strict=True))  # quoted line breaks kept whole
         except csv.Error as err:
             raise RewardtuneError(f"prompt file {path} is not valid CSV: {err}") from None
         if rows and "prompt" not in rows[0]:
             raise RewardtuneError(f"prompt file {path}: the CSV needs a 'prompt' column (found {sorted(k for k in rows[0] if k)})")
         prompts = [row["prompt"] or "" for row in rows]
+        for number, prompt in enumerate(prompts, 2):
+            _refuse_line_breaks(prompt, f"prompt file {path} row {number}")
     else:
         prompts = text.splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]

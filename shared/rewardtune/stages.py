@@ -169,8 +169,10 @@ def train_stage(
         raise RewardtuneError(f"{train_file} is missing; run prepare-prompts first and pass its --out as the prompts dir")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    sets = [*(overrides or []), f"prompts.source={train_file}", "prompts.template='{}'"]
-    cfg = resolve_config(config, sets)
+    cfg = resolve_config(config, overrides)
+    # assigned as data (validated on assignment): a path holding '#' or ': ' must not go through YAML again
+    cfg.prompts.source = str(train_file)
+    cfg.prompts.template = "{}"
     config_file = run_dir / "config.yaml"
     write_text_atomic(config_file, cfg.to_yaml())
     if num_gpus > 1:
@@ -204,16 +206,22 @@ def param_overrides(
     """Turn pipeline parameters into `--set` overrides; an empty value (or 0 epochs) keeps the config's own."""
     sets = []
     if algorithm:
-        sets.append(f"algorithm.name={algorithm}")
+        sets.append(f"algorithm.name={yaml_string(algorithm)}")
     if base_model:
-        sets.append(f"model.source={base_model}")
+        sets.append(f"model.source={yaml_string(base_model)}")
     if reward:
-        sets.append(f"reward.name={reward}")
+        sets.append(f"reward.name={yaml_string(reward)}")
     if epochs:
         sets.append(f"training.epochs={int(epochs)}")
     if prompt_source:
-        sets.append(f"prompts.source={prompt_source}")
+        sets.append(f"prompts.source={yaml_string(prompt_source)}")
     return sets
+
+
+def yaml_string(value: str) -> str:
+    """`value` as a double-quoted YAML scalar on one line: overrides are YAML-parsed, and a path with '#', ': '
+    or a leading '[' must come back as exactly that string, not a comment, a mapping or a list."""
+    return yaml.safe_dump(str(value), default_style='"', width=float("inf"), allow_unicode=False).strip().removesuffix("...").strip()
 
 
 def _final_metrics(run_dir: Path) -> dict[str, float]:

@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from rewardtune.safe_paths import apply_umask
+
 _SPECIAL_BOS, _SPECIAL_EOS = "<|startoftext|>", "<|endoftext|>"
 # A few merges so that common words become single tokens, as in the real CLIP vocabulary.
 _MERGES = ["t h", "th e</w>", "a n", "o n</w>", "i n", "a t</w>", "o f</w>", "r e", "e r</w>"]
@@ -154,6 +156,7 @@ def init_tiny(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+        apply_umask(Path(tmp))  # mkdtemp's 0700 and safetensors' 0600 would hide it from other users
         Path(tmp).rename(out)
         Path(tmp).mkdir()  # so TemporaryDirectory's cleanup finds what it expects
     return out

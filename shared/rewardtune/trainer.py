@@ -64,7 +64,16 @@ from rewardtune.neuron_reset import (
     reset_lora_neurons,
     select_neurons,
 )
+from rewardtune.numerics import StepHealth, check_images
 from rewardtune.prompts import load_prompts
+from rewardtune.resume_policy import (
+    apply_optimizer_settings,
+    check_epochs,
+    check_resume,
+    fresh_start_warning,
+    loading_checkpoint,
+    record_resume,
+)
 from rewardtune.rewards import build_reward, check_finite
 from rewardtune.shared_dir import require_shared_dir
 from rewardtune.temporal import (
@@ -237,6 +246,7 @@ class Trainer:
         self.term_requested_at: float | None = None  # monotonic time of SIGTERM
         self.epoch_started_at = 0.0
         self.last_epoch_s: float | None = None  # wall time of the last full epoch, checkpoint included
+        self.step_health = StepHealth(cfg.training.mixed_precision)
 
     # ------------------------------------------------------------------ setup helpers
     def _check_prompt_lengths(self) -> None:
@@ -331,6 +341,7 @@ class Trainer:
                 if self.cfg.algorithm.critic.kl_coef > 0:
                     extras["ref_log_probs"] = self.reference_log_probs(traj)
             times.sampling += time.perf_counter() - start
+            check_images(traj.images, prompts, epoch, self.trained_parameters() if self.epochs_done else None)
             # scored in the reward thread while the next batch samples (ddpo-pytorch's executor)
             rewards = self.reward_pool.submit(self.score_batch, traj.images, prompts, times)
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
@@ -573,15 +584,23 @@ class Trainer:
         probe["prompt_embeds"], probe["negative_embeds"] = batch["prompt_embeds"][rows], batch["negative_embeds"][rows]
         return probe
 
+    def trained_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of everything the optimizer updates: what must stay finite."""
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.unet).named_parameters() if p.requires_grad]
+        if self.critics is not None:
+            named += [(f"critic.{n}", p) for n, p in self.accelerator.unwrap_model(self.critics).named_parameters()]
+        return named
+
     def clip_gradients(self) -> None:
         """Unscale once (one optimizer, however many networks), then clip each network's norm separately.
 
         The official TDPO code unscales the critic twice under fp16; this does not.
         """
         self.accelerator.unscale_gradients()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)
+        norms = [torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)]
         if self.critics is not None:
-            torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm)
+            norms.append(torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm))
+        self.step_health.record(norms)
 
     # ------------------------------------------------------------------ neuron reset (TDPO-R)
     @property
@@ -736,15 +755,21 @@ class Trainer:
                     f"checkpoint {path} was trained with {key}={found.get(key)!r}, this config has {expected[key]!r}; "
                     "resume with the original config or use a new --out directory"
                 )
-        load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
-        if self.critics is not None:
-            self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
-        try:
-            self.optimizer.load_state_dict(load_optimizer_state(path / "optimizer.pt"))
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {path}: optimizer.pt does not fit this run's parameters ({_first_line(err)}); "
-                                  "resume with the original config or start a new --out") from None
-        self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
+        changes = check_resume(path, self.cfg)
+        with loading_checkpoint(path):
+            load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
+            if self.critics is not None:
+                self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
+            try:
+                self.optimizer.load_state_dict(load_optimizer_state(path / "optimizer.pt"))
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"checkpoint {path}: optimizer.pt does not fit this run's parameters "
+                                      f"({_first_line(err)}); resume with the original config or start a new --out") from None
+            self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
+        apply_optimizer_settings(self.optimizer, self.cfg)
+        check_epochs(path, self.epochs_done, self.cfg.training.epochs)
+        if changes and self.is_main:
+            record_resume(self.out_dir, path, self.epochs_done, changes)
 
     # ------------------------------------------------------------------ termination (SIGTERM)
     def _on_sigterm(self, signum: int, frame: object) -> None:
@@ -847,6 +872,8 @@ class Trainer:
             if found is not None:
                 self.load(*found)
                 log.info("resumed from %s at epoch %d", found[0], self.epochs_done)
+            else:
+                log.warning(fresh_start_warning(self.checkpoint_dir))
         elif list_checkpoints(self.checkpoint_dir):
             raise RewardtuneError(
                 f"{self.out_dir} already holds checkpoints; pass --resume to continue that run or choose a new --out"
@@ -866,6 +893,7 @@ class Trainer:
             advantage_stats = self.compute_advantages(samples)
             t0 = time.perf_counter()
             stats = {**advantage_stats, **self.train_epoch(samples, epoch)}
+            self.step_health.check(epoch, stats, self.trained_parameters())
             times.training = time.perf_counter() - t0
             self.epochs_done = epoch + 1
             if self.critics is not None:  # over all processes' (sample, step) pairs

@@ -172,10 +172,19 @@ def default_unseen_names() -> list[str]:
 
 
 def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward:
+    """The reward's callable; a source that cannot be loaded (damaged, unreadable, wrong kind) is one line."""
+    from rewardtune.errors import RewardtuneError
     from rewardtune.plugins import REWARDS, is_builtin
 
     _ensure(spec.name)
-    reward = _REGISTRY[spec.name](spec, torch.device(device))
+    try:
+        reward = _REGISTRY[spec.name](spec, torch.device(device))
+    except RewardtuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - model files fail in many types; the user needs the source named
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RewardError(f"reward '{spec.name}' could not be loaded from {spec.source or 'its default source'} "
+                          f"({type(err).__name__}: {first}); check reward.source and its files") from None
     if not is_builtin(REWARDS, spec.name):
         return CheckedReward(reward, spec.name)  # third-party output is checked before training sees it
     return reward

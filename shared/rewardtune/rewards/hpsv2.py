@@ -25,6 +25,7 @@ from rewardtune.cache import ModelRef, resolve_local
 from rewardtune.errors import RewardError
 from rewardtune.rewards import register, register_sources, register_tower, register_tower_checkpoint
 from rewardtune.rewards.towers import OPEN_CLIP_CONFIG, ClipImageTower, open_clip_tower
+from rewardtune.safe_paths import check_relative_name, contained
 
 DEFAULT_SOURCE = "xswu/HPSv2"
 VERSIONS = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
@@ -50,17 +51,23 @@ def _register_arch(directory: Path, options: dict[str, Any]) -> str:
     if not path.is_file():
         return str(options.get("arch", "ViT-H-14"))
     spec = json.loads(path.read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str) or not isinstance(spec.get("model_cfg"), dict):
+        raise RewardError(f"{path} needs an 'arch' name and a 'model_cfg' mapping")
+    arch = check_relative_name(spec["arch"], str(path))  # a file name below: never '../x' or '/abs'
+    if "/" in arch:
+        raise RewardError(f"{path}: arch {arch!r} must be a plain name, not a path")
     with tempfile.TemporaryDirectory() as tmp:  # open_clip registers configs from <name>.json files
-        cfg_file = Path(tmp) / f"{spec['arch']}.json"
+        cfg_file = Path(tmp) / f"{arch}.json"
         cfg_file.write_text(json.dumps(spec["model_cfg"]))
         open_clip.add_model_config(cfg_file)
     return str(spec["arch"])
 
 
 def find_checkpoint(directory: Path, options: dict[str, Any]) -> Path:
-    """The file `options` choose (never another one), else v2.1, else the directory's only kind of *.pt."""
+    """The file `options` choose (never another one, never outside `directory`), else v2.1, else the directory's
+    only kind of *.pt."""
     name = chosen_checkpoint(options)
-    candidates = [directory / name] if name else [directory / DEFAULT_CHECKPOINT, *sorted(directory.glob("*.pt"))]
+    candidates = [contained(directory, name, "reward option checkpoint")] if name else [directory / DEFAULT_CHECKPOINT, *sorted(directory.glob("*.pt"))]
     for path in candidates:
         if path.is_file():
             return path

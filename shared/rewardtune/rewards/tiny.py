@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rewardtune.safe_paths import apply_umask
+
 TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         image_size=32, patch_size=8)
 TINY_OPEN_CLIP = {
@@ -108,6 +110,7 @@ def init_tiny_rewards(out_dir: str | Path, seed: int = 0, names: list[str] | Non
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
             try:
                 BUILDERS[name](tmp, seed + 10 * i)
+                apply_umask(tmp)  # mkdtemp's 0700 would hide it from other users
                 tmp.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -168,9 +168,18 @@ def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.
     bundling one under `clip/` (aesthetic, ImageReward), or an HPSv2 open_clip checkpoint directory
     (`checkpoint` names the file, e.g. HPS_v2_compressed.pt). `preprocessing`: one of PREPROCESSING.
     """
+    from rewardtune.errors import RewardtuneError
+
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"unknown tower preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSING)}")
-    tower = _load_tower(source, torch.device(device), dtype, checkpoint)
+    try:
+        tower = _load_tower(source, torch.device(device), dtype, checkpoint)
+    except RewardtuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged model files fail in many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RewardError(f"image tower {source} could not be loaded ({type(err).__name__}: {first}); check the "
+                          "source and its files") from None
     tower.preprocessing = preprocessing
     return tower
 

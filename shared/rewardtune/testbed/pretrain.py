@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from rewardtune.safe_paths import apply_umask
 from rewardtune.testbed.world import RESOLUTION, WORDS, Spec, render_batch, split_specs
 from rewardtune.tiny import _SPECIAL_BOS, _SPECIAL_EOS, bytes_to_unicode, sd_scheduler
 
@@ -279,6 +280,7 @@ def pretrain(out: str | Path, settings: PretrainSettings | None = None) -> dict[
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        apply_umask(tmp)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

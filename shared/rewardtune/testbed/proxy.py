@@ -31,6 +31,7 @@ from torch import nn
 from rewardtune.cache import ModelRef, resolve_local
 from rewardtune.errors import RewardError
 from rewardtune.rewards import register, register_sources, register_tower, register_tower_loader
+from rewardtune.safe_paths import apply_umask
 
 log = logging.getLogger(__name__)
 WEIGHTS = "proxy.safetensors"
@@ -217,6 +218,7 @@ def build_proxy(pipe: Any, out: str | Path, *, seed: int = 0, num_samples: int =
         (tmp / CONFIG).write_text(json.dumps(summary, indent=1) + "\n")
         if out.exists():
             raise FileExistsError(f"{out} already exists")
+        apply_umask(tmp)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
