@@ -363,6 +363,18 @@ class TrainingConfig(_Strict):
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
 
 
+class PerformanceConfig(_Strict):
+    """Switches that change speed, never the math: each has an exactness test (tests/test_performance.py)."""
+
+    channels_last: bool = Field(False, description="UNet and VAE weights and activations in channels-last layout.")
+    attention: Literal["default", "sdpa", "eager"] = Field(
+        "default", description="Attention processor: diffusers' choice, AttnProcessor2_0 (SDPA) or the eager matmuls."
+    )
+    compile: bool = Field(False, description="torch.compile the UNet forward (the same compiled module samples and trains).")
+    cache_prompt_embeds: bool = Field(True, description="Encode each distinct prompt once per epoch.")
+    sync_free_steps: bool = Field(True, description="No host sync inside the sampling and training step loops.")
+
+
 class CheckpointConfig(_Strict):
     every_epochs: int = Field(1, ge=1)
     keep_last: int = Field(3, ge=1, description="Newest checkpoints kept; reset checkpoints are always kept.")
@@ -420,6 +432,7 @@ class RunConfig(_Strict):
     eval_rewards: list[RewardSpec] = Field(default_factory=list)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -22,10 +22,36 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
 
+def _schedule_on(scheduler: DDIMScheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """alphas_cumprod and final_alpha_cumprod on `device` in float32, copied once per scheduler and device.
+
+    Why: the scheduler keeps them on the CPU; copying them at every step is a host-to-device copy from
+    pageable memory, which waits for the GPU's queue to drain (a host sync per step). Same values.
+    """
+    cache = scheduler.__dict__.setdefault("_rewardtune_on_device", {})
+    key = (str(device), scheduler.alphas_cumprod.data_ptr())
+    if key not in cache:
+        cache.clear()
+        cache[key] = (
+            scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+            torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float32),
+        )
+    return cache[key]
+
+
 def ddim_posterior(
-    scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor, eta: float
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float,
+    check_std: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of pi(x_{t-1} | x_t) for the DDIM step with this eta, in float32."""
+    """Mean and std of pi(x_{t-1} | x_t) for the DDIM step with this eta, in float32.
+
+    `check_std=False` skips the std > 0 check, a host sync; callers that checked the whole schedule
+    once (`check_schedule`) pass it inside their step loops.
+    """
     if eta <= 0:
         raise ValueError(f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-density; use eta > 0")
     if scheduler.num_inference_steps is None:
@@ -37,8 +63,7 @@ def ddim_posterior(
     step_size = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     prev_timestep = timestep - step_size
 
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float32)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device, dtype=torch.float32)
+    alphas_cumprod, final = _schedule_on(scheduler, sample.device)
     alpha_t = _per_sample(alphas_cumprod[timestep], sample.ndim)
     alpha_prev = _per_sample(
         torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final), sample.ndim
@@ -59,13 +84,20 @@ def ddim_posterior(
 
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
-    if bool((std == 0).any()):
+    if check_std and bool((std == 0).any()):
         raise ValueError(
             "a DDIM step has std 0 and no density (set_alpha_to_one=True at the last step?); "
             "use a scheduler with set_alpha_to_one=False, as SD 1.x does"
         )
     mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).sqrt() * pred_eps
     return mean, std
+
+
+def check_schedule(scheduler: DDIMScheduler, eta: float, device: torch.device, latent_shape: tuple[int, ...]) -> None:
+    """Raise what `ddim_posterior` would raise at any step of the schedule, with one host sync for all steps."""
+    steps = scheduler.timesteps.to(device)
+    zeros = torch.zeros((len(steps), *latent_shape[1:]), device=device)
+    ddim_posterior(scheduler, zeros, steps, zeros, eta, check_std=True)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -82,13 +114,14 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    check_std: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step: returns (prev_sample, log pi(prev_sample | sample)).
 
     With `prev_sample` given (training), only the log-prob is new; it is differentiable w.r.t.
     `model_output`. `prev_sample` is returned in float32.
     """
-    mean, std = ddim_posterior(scheduler, model_output, timestep, sample, eta)
+    mean, std = ddim_posterior(scheduler, model_output, timestep, sample, eta, check_std)
     if prev_sample is None:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         prev_sample = mean + std * noise
@@ -103,6 +136,24 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(text_encoder.device)
     return text_encoder(ids)[0]
+
+
+class PromptEmbeddingCache:
+    """Encode each distinct prompt once (the text encoder is frozen): a batch encodes only prompts not seen yet.
+
+    Why: with a few dozen prompts and many batches per epoch most text-encoder calls repeat. Rows equal
+    `encode_prompts` of the batch to float rounding (a prompt may be encoded in a batch of other size).
+    """
+
+    def __init__(self, tokenizer, text_encoder) -> None:
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if p not in self.rows]
+        if new:
+            self.rows.update(zip(new, encode_prompts(self.tokenizer, self.text_encoder, new), strict=True))
+        return torch.stack([self.rows[p] for p in prompts])
 
 
 def guided_noise_pred(
@@ -163,8 +214,12 @@ def sample_trajectories(
     autocast_dtype: torch.dtype | None = None,
     before_step: StepHook | None = None,
     progress: bool = False,
+    sync_free: bool = False,
 ) -> Trajectories:
-    """Sample x_T -> x_0 with the DDIM posterior, recording everything PPO needs per step."""
+    """Sample x_T -> x_0 with the DDIM posterior, recording everything PPO needs per step.
+
+    `sync_free` checks the schedule once before the loop instead of at every step (no host sync inside).
+    """
     from tqdm.auto import tqdm
 
     device = prompt_embeds.device
@@ -176,6 +231,8 @@ def sample_trajectories(
     shape = (batch, unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
     model_dtype = next(unet.parameters()).dtype
+    if sync_free:
+        check_schedule(scheduler, eta, device, shape)
     all_latents, all_log_probs = [latents], []
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for k, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress)):
@@ -185,7 +242,9 @@ def sample_trajectories(
             noise_pred = guided_noise_pred(
                 unet, scheduler.scale_model_input(latents, t).to(model_dtype), t, prompt_embeds, negative_embeds, guidance_scale
             )
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta, generator=generator)
+        latents, log_prob = ddim_step_with_logprob(
+            scheduler, noise_pred, t, latents, eta=eta, generator=generator, check_std=not sync_free
+        )
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     images = decode_latents(vae, latents)

@@ -15,7 +15,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from rewardtune.config import ModelConfig
+from rewardtune.config import ModelConfig, PerformanceConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -128,6 +128,25 @@ def prepare_policy(pipe: StableDiffusionPipeline, cfg: ModelConfig, device: torc
             f"model.lora_target_modules {cfg.lora_target_modules} matched no UNet layer; use e.g. to_q, to_k, to_v, to_out.0"
         )
     return trainable
+
+
+def apply_performance(pipe: StableDiffusionPipeline, perf: PerformanceConfig) -> None:
+    """Speed switches that keep the math (config `performance`): memory layout, attention kernel, compilation.
+
+    `Module.compile()` compiles the UNet in place: sampling and training call the same module (so the
+    on-policy ratio is computed by the same compiled code), and its state dict keeps its names.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if perf.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if perf.attention != "default":
+        processor = AttnProcessor2_0 if perf.attention == "sdpa" else AttnProcessor
+        pipe.unet.set_attn_processor(processor())
+        pipe.vae.set_attn_processor(processor())
+    if perf.compile:
+        pipe.unet.compile()
 
 
 def save_policy(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:

@@ -41,6 +41,7 @@ from rewardtune.checkpoint import (
 from rewardtune.config import RunConfig
 from rewardtune.critic import Critics, embedded_steps, interpolate_step_embeddings
 from rewardtune.diffusion import (
+    PromptEmbeddingCache,
     ddim_step_with_logprob,
     decode_latents,
     encode_prompts,
@@ -53,7 +54,13 @@ from rewardtune.kl import KLController, kl_penalty, sample_kl
 from rewardtune.lagrangian import DualState, combine_advantages
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.metrics import MetricsLog
-from rewardtune.models import load_pipeline, load_policy_weights, prepare_policy, save_policy
+from rewardtune.models import (
+    apply_performance,
+    load_pipeline,
+    load_policy_weights,
+    prepare_policy,
+    save_policy,
+)
 from rewardtune.neuron_reset import (
     dormant_mask,
     dormant_overlap,
@@ -201,6 +208,7 @@ class Trainer:
 
         self.pipe = load_pipeline(cfg.model)
         self.trainable = prepare_policy(self.pipe, cfg.model, self.device, cfg.training.gradient_checkpointing)
+        apply_performance(self.pipe, cfg.performance)
         self.scheduler = self.pipe.scheduler
         self.scheduler.set_timesteps(k, device=self.device)
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
@@ -307,10 +315,13 @@ class Trainer:
         parts: list[dict] = []
         embed_steps = embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride)
         embed_at = set(embed_steps)
+        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        encode = (PromptEmbeddingCache(tokenizer, text_encoder) if self.cfg.performance.cache_prompt_embeds
+                  else lambda prompts: encode_prompts(tokenizer, text_encoder, prompts))
         for _ in range(cfg.batches_per_epoch):
             start = time.perf_counter()
             prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
-            embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
+            embeds = encode(prompts)
             negative = self.negative_embed.expand(len(prompts), -1, -1)
             critic_inputs: list[torch.Tensor] = []
 
@@ -331,6 +342,7 @@ class Trainer:
                 autocast_dtype=self.autocast_dtype,
                 before_step=store if self.critics else None,
                 progress=self._progress(),
+                sync_free=self.cfg.performance.sync_free_steps,
             )
             extras = {}
             if self.critics is not None:
@@ -521,7 +533,8 @@ class Trainer:
                 self.cfg.sampling.guidance_scale,
             )
         _, log_prob = ddim_step_with_logprob(
-            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"]
+            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"],
+            check_std=not self.cfg.performance.sync_free_steps,  # the sampled schedule was checked once
         )
         return log_prob
 
