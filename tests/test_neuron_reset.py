@@ -55,7 +55,7 @@ def test_reset_changes_exactly_the_masked_rows_columns_and_adam_moments():
     before = {n: p.detach().clone() for n, p in critic.named_parameters()}
     moments = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in critic.parameters()}
     mask = torch.tensor([False, True, False])
-    reset_linear_neurons(layer, nxt, mask, optimizer, torch.Generator().manual_seed(1))
+    reset_linear_neurons(layer, nxt, mask, optimizer, torch.Generator().manual_seed(1), critic.init_std)
 
     assert torch.equal(layer.weight[[0, 2]], before["layers.0.weight"][[0, 2]])
     assert not torch.equal(layer.weight[1], before["layers.0.weight"][1])
@@ -75,11 +75,39 @@ def test_reset_changes_exactly_the_masked_rows_columns_and_adam_moments():
 def test_reset_draws_from_the_init_distribution_deterministically():
     a, b = nn.Linear(400, 300), nn.Linear(300, 2)
     mask = torch.ones(300, dtype=torch.bool)
-    reset_linear_neurons(a, b, mask, None, torch.Generator().manual_seed(3))
+    reset_linear_neurons(a, b, mask, None, torch.Generator().manual_seed(3), 1 / 401)
     assert abs(a.weight.std().item() - 1 / 401) < 2e-4 and a.bias.abs().sum() == 0
     c, d = nn.Linear(400, 300), nn.Linear(300, 2)
-    reset_linear_neurons(c, d, mask, None, torch.Generator().manual_seed(3))
+    reset_linear_neurons(c, d, mask, None, torch.Generator().manual_seed(3), 1 / 401)
     assert torch.equal(a.weight, c.weight) and torch.equal(b.weight, d.weight)
+
+
+def test_critic_init_uses_std_one_over_input_size_plus_one_for_every_layer():
+    # official critic_model.MLP: every Linear weight ~ N(0, 1/(d+1)), d = the critic's input size; biases 0
+    d = 768
+    critic = ValueCritic(d, [1024, 128, 64, 16], [0.2, 0.2, 0.1, 0.0], torch.Generator().manual_seed(5))
+    assert critic.init_std == 1 / 769
+    expected = torch.Generator().manual_seed(5)  # the same draws, in layer order, by hand
+    for layer in critic.linears():
+        torch.testing.assert_close(layer.weight, torch.randn(layer.weight.shape, generator=expected) * (1 / 769), rtol=0, atol=0)
+        assert layer.bias.abs().sum() == 0
+    # and the statistics on the big layers (not each layer's fan-in: 1/1025 for the 1024->128 layer would be ~25% off)
+    first, second = critic.linears()[:2]
+    assert abs(first.weight.std().item() * 769 - 1) < 0.01
+    assert abs(second.weight.std().item() * 769 - 1) < 0.02
+
+
+def test_reset_of_a_later_layer_redraws_in_and_out_weights_at_the_critic_input_std():
+    d = 1024  # ViT-H-14 critic: 1/1025 everywhere (the official PickScore re-draw at 1/769 is not copied)
+    critic = ValueCritic(d, [1024, 128, 64, 16], [0.0] * 4)
+    layer, nxt = critic.linears()[2], critic.linears()[3]  # 128 -> 64 and 64 -> 16
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[::2] = True
+    reset_linear_neurons(layer, nxt, mask, None, torch.Generator().manual_seed(9), critic.init_std)
+    g = torch.Generator().manual_seed(9)
+    torch.testing.assert_close(layer.weight[mask], torch.randn(32, 128, generator=g) * (1 / 1025), rtol=0, atol=0)
+    torch.testing.assert_close(nxt.weight[:, mask], torch.randn(16, 32, generator=g) * (1 / 1025), rtol=0, atol=0)
+    assert layer.bias[mask].abs().sum() == 0
 
 
 def test_lora_reset_redraws_down_rows_and_zeroes_up_columns():

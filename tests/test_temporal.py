@@ -2,14 +2,12 @@
 
 import math
 
-import pytest
 import torch
 
 from rewardtune.temporal import (
     clipped_value_loss,
     discounted_returns,
     explained_variance,
-    kl_penalty,
     standardize,
     step_rewards,
     temporal_advantages,
@@ -56,14 +54,6 @@ def test_value_loss_unclipped_and_clipped():
     assert math.isclose(clipped_value_loss(torch.tensor([0.5, 0.5]), old, returns, 0.2).item(), 0.5 * 0.64, rel_tol=1e-6)
     # V = 1.5 overshoots R: unclipped 0.25 vs clipped (0.2 - 1)^2 = 0.64 -> pessimistic 0.64
     assert math.isclose(clipped_value_loss(torch.tensor([1.5, 1.5]), old, returns, 0.2).item(), 0.5 * 0.64, rel_tol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("kind", "expected"),
-    [("kl", 0.5), ("abs", 0.5), ("square", 0.125), ("clip", 0.5), ("approx", math.exp(-0.5) - 1 + 0.5)],
-)
-def test_kl_estimators(kind, expected):
-    assert math.isclose(kl_penalty(torch.tensor([0.0]), torch.tensor([-0.5]), kind).item(), expected, rel_tol=1e-6)
 
 
 def test_explained_variance():

@@ -167,8 +167,34 @@ class CriticConfig(_Strict):
     value_clip: float = Field(0.2, gt=0)
     coef: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, gt=0, le=1.0)
-    kl_coef: float = Field(0.0, ge=0, description="beta of the per-step KL penalty against the frozen base policy.")
-    kl_estimator: Literal["kl", "abs", "square", "clip", "approx"] = "kl"
+    reward_clip: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Clip the normalized terminal reward to ±this before the returns and the critic's target; "
+        "0 = no clipping (the official clip_range_reward = 0). DDPO clips with training.adv_clip_max instead.",
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="kl_penalty_coef of the official code: per-step reward -= kl_coef x controller value x "
+        "k(log pi - log pi_ref) against the frozen base policy; 0 = no penalty.",
+    )
+    kl_estimator: Literal["kl", "abs", "square", "clip", "approx", "js"] = Field(
+        "clip", description="k of the KL penalty (official default clip = max(log pi - log pi_ref, 0))."
+    )
+    kl_init_coef: float = Field(
+        0.2, gt=0, allow_inf_nan=False, description="The KL controller's initial value (official init_kl_coef)."
+    )
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Target of the adaptive KL controller (mean over samples of the summed per-step log-ratio); "
+        "None = a fixed controller.",
+    )
+    kl_horizon: int = Field(2000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
     advantage_norm: Literal["global", "per_prompt"] = "global"
 
     @model_validator(mode="after")

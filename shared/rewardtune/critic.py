@@ -1,7 +1,8 @@
 """TDPO's timestep-aware critic: the LAION-aesthetic-predictor MLP on image embeddings of x_t.
 
 The official code has no nonlinearity between layers; the neuron-reset machinery reads ReLU of each
-hidden layer's output as that neuron's activation (algorithms.md §3-4).
+hidden layer's output as that neuron's activation (algorithms.md §3-4). Every layer's weights are drawn
+with std 1/(d+1), d the critic's *input* size (not each layer's fan-in), at init and at every reset.
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ import torch
 from torch import nn
 
 
-def init_linear_(layer: nn.Linear, generator: torch.Generator | None = None, rows: torch.Tensor | None = None) -> None:
-    """Weights ~ N(0, std = 1/(d_in + 1)), bias 0 — for the whole layer or just `rows` (output neurons)."""
-    std = 1.0 / (layer.in_features + 1)
+def init_std(input_dim: int) -> float:
+    """The official critic's weight std 1/(d+1), with d the critic's input size, used for every layer."""
+    return 1.0 / (input_dim + 1)
+
+
+def init_linear_(
+    layer: nn.Linear, std: float, generator: torch.Generator | None = None, rows: torch.Tensor | None = None
+) -> None:
+    """Weights ~ N(0, std), bias 0 — for the whole layer or just `rows` (output neurons)."""
     with torch.no_grad():
         if rows is None:
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
@@ -69,8 +76,9 @@ class ValueCritic(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.layers = nn.Sequential(*layers)
+        self.init_std = init_std(input_dim)
         for layer in self.linears():
-            init_linear_(layer, generator)
+            init_linear_(layer, self.init_std, generator)
 
     def linears(self) -> list[nn.Linear]:
         return [m for m in self.layers if isinstance(m, nn.Linear)]
@@ -86,6 +94,7 @@ class Critics(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.names = names
+        self.init_std = init_std(input_dim)
         self.heads = nn.ModuleList(ValueCritic(input_dim, hidden_sizes, dropout, generator) for _ in names)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -82,14 +82,19 @@ def zero_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, ind
 
 @torch.no_grad()
 def reset_linear_neurons(
-    layer: nn.Linear, next_layer: nn.Linear, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None, generator: torch.Generator
+    layer: nn.Linear,
+    next_layer: nn.Linear,
+    mask: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    generator: torch.Generator,
+    std: float,
 ) -> None:
-    """Re-draw incoming weights (bias 0) of the masked neurons and their outgoing column in `next_layer`."""
+    """Re-draw incoming weights (bias 0) of the masked neurons and their outgoing column in `next_layer`,
+    both from N(0, std): the critic's init distribution (`critic.init_std`, the same for every layer)."""
     if not mask.any():
         return
     index = torch.nonzero(mask.cpu()).flatten()
-    init_linear_(layer, generator, rows=mask)
-    std = 1.0 / (next_layer.in_features + 1)
+    init_linear_(layer, std, generator, rows=mask)
     fresh = torch.randn(next_layer.out_features, len(index), generator=generator) * std
     next_layer.weight[:, index.to(next_layer.weight.device)] = fresh.to(next_layer.weight)
     if optimizer is not None:

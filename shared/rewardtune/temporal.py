@@ -13,24 +13,8 @@ import torch
 EPS = 1e-8
 
 
-def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-step divergence estimate k(log pi - log pi_ref), the estimators of the TDPO code."""
-    diff = log_prob - ref_log_prob
-    if kind == "kl":
-        return diff
-    if kind == "abs":
-        return diff.abs()
-    if kind == "square":
-        return 0.5 * diff**2
-    if kind == "clip":
-        return diff.clamp(min=0.0)
-    if kind == "approx":  # k3 of Schulman: unbiased, always >= 0
-        return torch.expm1(-diff) + diff
-    raise ValueError(f"unknown KL estimator {kind!r}; use kl, abs, square, clip or approx")
-
-
 def step_rewards(terminal: torch.Tensor, num_steps: int, kl: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
-    """r_k: the terminal reward at the last step, minus kl_coef * kl_k at every step."""
+    """r_k: the terminal reward at the last step, minus kl_coef * kl_k at every step (kl: `kl.kl_penalty`)."""
     rewards = torch.zeros(terminal.shape[0], num_steps, dtype=torch.float32, device=terminal.device)
     rewards[:, -1] = terminal
     if kl is not None and kl_coef:

@@ -44,6 +44,7 @@ from rewardtune.diffusion import (
 )
 from rewardtune.errors import CheckpointError, RewardtuneError, Terminated
 from rewardtune.faults import fault_point
+from rewardtune.kl import KLController, kl_penalty, sample_kl
 from rewardtune.lagrangian import DualState, combine_advantages, dual_scale
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.metrics import MetricsLog
@@ -64,7 +65,6 @@ from rewardtune.temporal import (
     clipped_value_loss,
     discounted_returns,
     explained_variance,
-    kl_penalty,
     standardize,
     step_rewards,
 )
@@ -163,6 +163,7 @@ class Trainer:
             ).to(self.device)
             groups.append({"params": list(self.critics.parameters()), "lr": algo.critic.learning_rate, "name": "critic"})
         self.reference_unet = self._reference_policy() if algo.uses_critic and algo.critic.kl_coef > 0 else None
+        self.kl_controller = KLController(algo.critic.kl_init_coef, algo.critic.kl_target, algo.critic.kl_horizon)
         self.optimizer = torch.optim.AdamW(
             groups,
             betas=(cfg.training.adam_beta1, cfg.training.adam_beta2),
@@ -335,31 +336,39 @@ class Trainer:
             normalized = batch_normalized(all_rewards)
         n = len(prompts)
         mine = normalized[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
-        clip = self.cfg.training.adv_clip_max
-        return torch.as_tensor(mine, dtype=torch.float32, device=self.device).clamp(-clip, clip)
+        mine = torch.as_tensor(mine, dtype=torch.float32, device=self.device)
+        # DDPO clips its advantage; TDPO's terminal reward is unclipped (official clip_range_reward = 0)
+        clip = self.cfg.algorithm.critic.reward_clip if self.critics is not None else self.cfg.training.adv_clip_max
+        return mine.clamp(-clip, clip) if clip > 0 else mine
 
-    def compute_advantages(self, samples: EpochSamples) -> None:
+    def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
         """DDPO: one clipped advantage for every step. TDPO: A_k = R_k - V_old(s_k) per reward, per step;
-        CDPO combines them with the Lagrange multipliers."""
+        CDPO combines them with the Lagrange multipliers. Returns the KL penalty's statistics (if any)."""
         steps = samples.timesteps.shape[1]
         all_rewards = samples.extras["all_rewards"]
         terminals = [self.normalized_rewards(all_rewards[:, r], samples.prompts, tracker)
                      for r, tracker in enumerate(self.stat_trackers)]
         if self.critics is None:
             samples.advantages = terminals[0][:, None].expand(-1, steps)
-            return
+            return {}
         critic = self.cfg.algorithm.critic
-        kl = None
+        kl, beta, stats = None, 0.0, {}
         if critic.kl_coef > 0:
-            kl = kl_penalty(samples.log_probs, samples.extras["ref_log_probs"], critic.kl_estimator)
+            ref = samples.extras["ref_log_probs"]
+            kl = kl_penalty(samples.log_probs, ref, critic.kl_estimator)
+            beta = critic.kl_coef * self.kl_controller.value
+            measured = self.accelerator.gather(sample_kl(samples.log_probs, ref)).mean().item()
+            stats = {"kl_mean": measured, "kl_controller": self.kl_controller.value, "kl_beta": beta}
+            self.kl_controller.update(measured, len(samples) * self.accelerator.num_processes)
         groups = samples.prompts if critic.advantage_norm == "per_prompt" else None
         returns, advantages = [], []
         for r, terminal in enumerate(terminals):
-            step_r = step_rewards(terminal, steps, kl if r == 0 else None, critic.kl_coef)
+            step_r = step_rewards(terminal, steps, kl if r == 0 else None, beta)
             returns.append(discounted_returns(step_r, critic.gamma))
             advantages.append(self._standardized(returns[-1] - samples.extras["old_values"][..., r], groups))
         samples.extras["returns"] = torch.stack(returns, dim=-1)
         samples.advantages = combine_advantages(advantages[0], advantages[1:], self.dual.multipliers)
+        return stats
 
     def _standardized(self, values: torch.Tensor, groups: list[str] | None) -> torch.Tensor:
         """Global standardization over all processes' (sample, step) pairs; per prompt within a process."""
@@ -538,7 +547,11 @@ class Trainer:
             if reset:
                 mask = select_neurons(scores, rules.rule, rules.tau, rules.tau_high, rules.fraction)
                 resets += int(mask.sum())
-                (reset_lora_neurons if is_lora else reset_linear_neurons)(down, up, mask, self.optimizer.optimizer, generator)
+                if is_lora:
+                    reset_lora_neurons(down, up, mask, self.optimizer.optimizer, generator)
+                else:  # the critic's own init std 1/(d+1), d its input size, for every layer
+                    std = self.accelerator.unwrap_model(self.critics).init_std
+                    reset_linear_neurons(down, up, mask, self.optimizer.optimizer, generator, std)
                 fault_point("reset")
         finite = [o for o in overlaps if o == o]
         return {"neurons_total": total, "neurons_dormant": dormant, "neurons_active": total - dormant,
@@ -578,7 +591,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"epochs_done": self.epochs_done, "samples_seen": self.samples_seen, "global_step": self.global_step,
                 "stat_trackers": [t.state_dict() for t in self.stat_trackers], "dual": self.dual.state_dict(),
-                "thresholds": self.thresholds,
+                "thresholds": self.thresholds, "kl_controller": self.kl_controller.state_dict(),
                 "previous_dormant": {k: v.tolist() for k, v in self.previous_dormant.items()}}
 
     def load_trainer_state(self, state: dict) -> None:
@@ -588,6 +601,8 @@ class Trainer:
             tracker.load_state_dict(tracker_state)
         self.dual = DualState(**state["dual"])
         self.thresholds = state["thresholds"]
+        if "kl_controller" in state:  # checkpoints written before the KL controller existed hold none
+            self.kl_controller.load_state_dict(state["kl_controller"])
         self.previous_dormant = {k: torch.tensor(v, dtype=torch.bool) for k, v in state["previous_dormant"].items()}
 
     def _write_checkpoint(self, directory: Path) -> None:
@@ -738,9 +753,9 @@ class Trainer:
             start = time.perf_counter()
             times = EpochTimes()
             samples = self.sample_epoch(epoch, times)
-            self.compute_advantages(samples)
+            advantage_stats = self.compute_advantages(samples)
             t0 = time.perf_counter()
-            stats = self.train_epoch(samples, epoch)
+            stats = {**advantage_stats, **self.train_epoch(samples, epoch)}
             times.training = time.perf_counter() - t0
             self.epochs_done = epoch + 1
             if self.critics is not None:
