@@ -58,8 +58,12 @@ def test_best_of_n():
     assert stats.best_of_n_kl(1) == 0.0
     assert stats.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
     assert stats.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
-    # groups (1, 3) -> proxy 3, gold 20; (2, 0) -> proxy 2, gold 30
-    assert stats.best_of_n(np.array([[1.0, 3.0, 2.0, 0.0]]), np.array([[10.0, 20.0, 30.0, 40.0]]), 2) == (2.5, 25.0)
+    proxy, gold = np.array([[1.0, 3.0, 2.0, 0.0]]), np.array([[10.0, 20.0, 30.0, 40.0]])
+    # sorted by proxy: 0 (gold 40), 1 (10), 2 (30), 3 (20); best of a random pair is rank i w.p. (i-1)/6
+    p2, g2 = stats.best_of_n(proxy, gold, 2)
+    assert p2 == pytest.approx((1 * 1 + 2 * 2 + 3 * 3) / 6) and g2 == pytest.approx((10 * 1 + 30 * 2 + 20 * 3) / 6)
+    assert stats.best_of_n(proxy, gold, 1) == pytest.approx((1.5, 25.0))  # the plain mean
+    assert stats.best_of_n(proxy, gold, 4) == (3.0, 20.0)  # all four: the proxy's argmax
     with pytest.raises(ValueError):
         stats.best_of_n(np.zeros((1, 3)), np.zeros((1, 3)), 4)
 

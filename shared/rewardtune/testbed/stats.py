@@ -164,15 +164,21 @@ def best_of_n_kl(n: int) -> float:
 
 
 def best_of_n(proxy: np.ndarray, gold: np.ndarray, n: int) -> tuple[float, float]:
-    """Mean (proxy, gold) of the proxy-best of each consecutive group of n samples (rows: prompts)."""
-    proxy, gold = np.asarray(proxy), np.asarray(gold)
-    groups = proxy.shape[1] // n
-    if groups < 1:
-        raise ValueError(f"best-of-{n} needs at least {n} samples per prompt (have {proxy.shape[1]})")
-    p = proxy[:, : groups * n].reshape(proxy.shape[0], groups, n)
-    g = gold[:, : groups * n].reshape(gold.shape[0], groups, n)
-    pick = p.argmax(axis=2)[..., None]
-    return float(np.take_along_axis(p, pick, 2).mean()), float(np.take_along_axis(g, pick, 2).mean())
+    """Expected (proxy, gold) of the proxy-best of n samples drawn without replacement from each row's m
+    samples (rows: prompts), averaged over rows: the unbiased all-subsets estimator (Nakano et al. 2021).
+
+    With a row sorted by proxy, its i-th smallest (1-based) is the best of a random n-subset with
+    probability C(i-1, n-1) / C(m, n).
+    """
+    proxy, gold = np.asarray(proxy, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    m = proxy.shape[1]
+    if not 1 <= n <= m:
+        raise ValueError(f"best-of-{n} needs at least {n} samples per prompt (have {m})")
+    weights = np.array([math.comb(i - 1, n - 1) for i in range(1, m + 1)], dtype=np.float64) / math.comb(m, n)
+    order = np.argsort(proxy, axis=1, kind="stable")
+    p = np.take_along_axis(proxy, order, 1) @ weights
+    g = np.take_along_axis(gold, order, 1) @ weights
+    return float(p.mean()), float(g.mean())
 
 
 def path_kl(mean_policy: np.ndarray, mean_base: np.ndarray, std: np.ndarray) -> np.ndarray:
