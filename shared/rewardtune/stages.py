@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import yaml
 
 from rewardtune.checkpoint import write_text_atomic
 from rewardtune.config import RunConfig, load_config, parse_config
-from rewardtune.errors import ConfigError, RewardtuneError
+from rewardtune.errors import ConfigError, RewardtuneError, Terminated
 from rewardtune.prompts import check_token_lengths, load_prompts, split_prompts
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def prepare_prompts_from_config(cfg: RunConfig, out_dir: Path) -> dict[str, Any]
     )
 
 
-def run_forwarding_sigterm(cmd: list[str]) -> int:
+def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run `cmd` and pass a SIGTERM sent to this process on to it.
 
     Kubernetes signals only the container's main process; without forwarding, the training processes would
@@ -117,7 +118,7 @@ def run_forwarding_sigterm(cmd: list[str]) -> int:
     forward = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, relay) if forward else None
     try:
-        children.append(subprocess.Popen(cmd))
+        children.append(subprocess.Popen(cmd, env=env))
         if pending:
             children[0].send_signal(signal.SIGTERM)
         return children[0].wait()
@@ -126,15 +127,43 @@ def run_forwarding_sigterm(cmd: list[str]) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+# torchrun SIGKILLs the workers this long after it forwards a SIGTERM (its default, 30 s, can be shorter than
+# the checkpoint grace); the stage gives the workers the grace plus this margin for the checkpoint write.
+SHUTDOWN_MARGIN_S = 15
+
+
+def multi_process_command(num_processes: int, train_args: list[str]) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m rewardtune.cli train ...`: N processes on one machine,
+    on GPUs (NCCL) or CPUs (gloo). `accelerate launch --cpu` would start one process, whatever N says."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+            "-m", "rewardtune.cli", "train", *train_args]
+
+
+def launcher_env(grace_s: float, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The launcher's environment with TORCH_ELASTIC_SHUTDOWN_TIMEOUT above the checkpoint grace."""
+    env = dict(os.environ if environ is None else environ)
+    needed = math.ceil(grace_s) + SHUTDOWN_MARGIN_S
+    try:
+        current = int(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0"))
+    except ValueError:
+        current = 0
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(current, needed))
+    return env
+
+
 def train_stage(
     config: str, prompts_dir: Path, run_dir: Path, *, num_gpus: int = 1, overrides: list[str] | None = None,
     resume: bool = True,
 ) -> Path:
     """Train on `prompts_dir/train.txt` into `run_dir`, resuming from its newest checkpoint (a retried pod continues).
 
-    The template was already applied by prepare-prompts, so it is reset to '{}' here. With more than one GPU the
-    run is re-launched through `accelerate launch`, one process per GPU, on the same CLI.
+    The template was already applied by prepare-prompts, so it is reset to '{}' here. With more than one
+    process the run is re-launched through torchrun, one process per GPU (or CPU process), on the same CLI.
+    A clean stop on SIGTERM raises `Terminated` whatever the process count: the launcher itself exits 1
+    then, so the stage reads the record the stopped run leaves (`terminated.json`).
     """
+    from rewardtune.trainer import TERMINATED_FILE
+
     train_file = Path(prompts_dir) / TRAIN_FILE
     if not train_file.is_file():
         raise RewardtuneError(f"{train_file} is missing; run prepare-prompts first and pass its --out as the prompts dir")
@@ -145,15 +174,16 @@ def train_stage(
     config_file = run_dir / "config.yaml"
     write_text_atomic(config_file, cfg.to_yaml())
     if num_gpus > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
-               "--num_machines", "1", "--mixed_precision", cfg.training.mixed_precision,
-               "-m", "rewardtune.cli", "train", "--config", str(config_file), "--out", str(run_dir)]
-        if resume:
-            cmd.append("--resume")
+        cmd = multi_process_command(num_gpus, ["--config", str(config_file), "--out", str(run_dir),
+                                               *(["--resume"] if resume else [])])
+        record = run_dir / TERMINATED_FILE
+        record.unlink(missing_ok=True)
         log.info("launching %d processes: %s", num_gpus, " ".join(cmd))
-        returncode = run_forwarding_sigterm(cmd)
+        returncode = run_forwarding_sigterm(cmd, launcher_env(cfg.checkpointing.termination_grace_s))
+        if returncode != 0 and record.is_file():
+            raise Terminated(json.loads(record.read_text())["message"])
         if returncode != 0:
-            raise RewardtuneError(f"accelerate launch with {num_gpus} processes failed with exit code {returncode}")
+            raise RewardtuneError(f"torchrun with {num_gpus} processes failed with exit code {returncode}")
         return run_dir
     from rewardtune.trainer import Trainer
 
@@ -200,7 +230,8 @@ def train_for_pipeline(
 ) -> dict[str, Any]:
     """The train step: train in `workdir/run_id` (persistent PVC, so a retried pod resumes) and publish to `out_dir`.
 
-    Without a workdir (kfp.local, docker run) it trains straight into `out_dir`.
+    Without a workdir (kfp.local, docker run) it trains straight into `out_dir`. This is the step's whole body,
+    so a clean SIGTERM stop exits 143 here (the KFP executor would report any exception as exit 1).
     """
     import shutil
 
@@ -208,7 +239,11 @@ def train_for_pipeline(
     if workdir and not run_id:
         raise RewardtuneError("train: a workdir needs a run_id so that retries of one run share a directory")
     run_dir = Path(workdir) / run_id if workdir else out_dir
-    train_stage(config, Path(prompts_dir), run_dir, num_gpus=num_gpus, overrides=overrides, resume=True)
+    try:
+        train_stage(config, Path(prompts_dir), run_dir, num_gpus=num_gpus, overrides=overrides, resume=True)
+    except Terminated as err:  # a preemption, not a failure: exit as the CLI does, 143 and one line
+        print(f"terminated: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     if run_dir != out_dir:
         shutil.copytree(run_dir, out_dir, dirs_exist_ok=True)
     return {"run_dir": str(run_dir), "checkpoints": list_checkpoints(out_dir), "final_metrics": _final_metrics(out_dir)}

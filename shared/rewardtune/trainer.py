@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
+from rewardtune import digests
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
 from rewardtune.checkpoint import (
     checkpoint_name,
@@ -31,6 +32,7 @@ from rewardtune.checkpoint import (
     prune_checkpoints,
     remove_stale,
     save_checkpoint,
+    write_json_atomic,
     write_text_atomic,
 )
 from rewardtune.config import RunConfig
@@ -71,6 +73,10 @@ from rewardtune.temporal import (
 
 log = logging.getLogger(__name__)
 
+# Written by a run that stopped cleanly on SIGTERM: a launcher reports only "a worker exited non-zero"
+# (torchrun and accelerate launch exit 1 even when every rank exited 143), so the stage reads this instead.
+TERMINATED_FILE = "terminated.json"
+
 
 def epoch_seed(seed: int, epoch: int, process: int) -> int:
     """A distinct, reproducible seed per (run seed, epoch, process)."""
@@ -83,6 +89,28 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """An optimizer state file, loaded as data only (a crafted pickle is refused, never run).
+
+    Loaded to the CPU: `Optimizer.load_state_dict` moves each state to its parameter's device, and a map
+    to accelerate's per-process device (`cpu:0` under a multi-process CPU run) cannot be restored.
+    """
+    import pickle
+
+    fix = "resume from another checkpoint or start a new --out"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # what the weights-only unpickler raises for anything but tensors and data
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is not a weights-only torch file "
+                              f"({_first_line(err)}); {fix}") from None
+    except Exception as err:  # noqa: BLE001 - a truncated zip, an I/O error: one line, not a traceback
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} could not be read ({_first_line(err)}); {fix}") from None
 
 
 @dataclass
@@ -222,6 +250,11 @@ class Trainer:
         return copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
 
     @property
+    def policy(self) -> torch.nn.Module:
+        """The UNet itself: under DDP `self.unet` is a wrapper without `.config` (sampling and probes need no gradient sync)."""
+        return self.accelerator.unwrap_model(self.unet)
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
@@ -253,7 +286,7 @@ class Trainer:
                 if k in embed_at:
                     critic_inputs.append(self.critic_input(x_t))
             traj = sample_trajectories(
-                self.unet,
+                self.policy,
                 self.pipe.vae,
                 self.scheduler,
                 embeds,
@@ -272,7 +305,7 @@ class Trainer:
                 extras["critic_inputs"] = interpolate_step_embeddings(
                     embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps
                 )
-                extras["old_values"] = self.critics.eval()(extras["critic_inputs"])
+                extras["old_values"] = self.accelerator.unwrap_model(self.critics).eval()(extras["critic_inputs"])
                 if self.cfg.algorithm.critic.kl_coef > 0:
                     extras["ref_log_probs"] = self.reference_log_probs(traj)
             times.sampling += time.perf_counter() - start
@@ -312,7 +345,7 @@ class Trainer:
     @torch.no_grad()
     def reference_log_probs(self, traj) -> torch.Tensor:
         """log pi_ref of each sampled step under the frozen base policy (for the per-step KL penalty)."""
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = self.policy
         model = self.reference_unet or unet
         batch = {"latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:], "timesteps": traj.timesteps,
                  "prompt_embeds": traj.prompt_embeds, "negative_embeds": traj.negative_embeds}
@@ -371,11 +404,13 @@ class Trainer:
         return stats
 
     def _standardized(self, values: torch.Tensor, groups: list[str] | None) -> torch.Tensor:
-        """Global standardization over all processes' (sample, step) pairs; per prompt within a process."""
-        if groups is not None or self.accelerator.num_processes == 1:
+        """Standardization over all processes' (sample, step) pairs, globally or per prompt: N processes
+        standardize exactly as one process holding all their samples would."""
+        if self.accelerator.num_processes == 1:
             return standardize(values, groups)
-        everything = self.accelerator.gather(values)
-        return (values - everything.mean()) / (everything.std(unbiased=False) + 1e-8)
+        everything = standardize(self.accelerator.gather(values), gather_object(groups) if groups is not None else None)
+        n = values.shape[0]
+        return everything[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
 
     # ------------------------------------------------------------------ training
     def _shuffled(self, samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -461,7 +496,9 @@ class Trainer:
             stats["critic_loss"] = []
         from tqdm.auto import tqdm
 
-        for _ in range(cfg.inner_epochs):
+        for inner in range(cfg.inner_epochs):
+            if inner and self.measures_neurons:  # official: measure (and reset) after every inner epoch; the last is _run's
+                self.measure_and_reset(epoch, self.reset_due(epoch), inner - 1)
             batch = self._shuffled(samples, generator)
             for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
                 view = self._view(batch, chunk)
@@ -490,10 +527,19 @@ class Trainer:
                 stats["loss"].append(loss.detach())
                 for name, value in ppo_diagnostics(log_prob.detach(), old, cfg.clip_range).items():
                     stats[name].append(value)
-        self.last_batch = {name: batch[name][:, self.num_train_steps - 1] for name in
-                           ("latents", "timesteps", *(["critic_inputs"] if self.critics is not None else []))}
-        self.last_batch["prompt_embeds"], self.last_batch["negative_embeds"] = batch["prompt_embeds"], batch["negative_embeds"]
-        return {name: torch.stack(values).mean().item() for name, values in stats.items()}
+            self.probe = self._probe(batch)
+        means = torch.stack([torch.stack(values).mean() for values in stats.values()])
+        means = self.accelerator.reduce(means, reduction="mean")  # every rank has as many micro-steps: the global mean
+        return dict(zip(stats, means.tolist(), strict=True))
+
+    def _probe(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The neuron-score probe of the official code: the first `sampling.batch_size` samples of this inner
+        epoch's shuffled buffer at the last trained time column (all processes' probes are gathered later)."""
+        rows = slice(0, self.cfg.sampling.batch_size)
+        probe = {name: batch[name][rows, self.num_train_steps - 1] for name in
+                 ("latents", "timesteps", *(["critic_inputs"] if self.critics is not None else []))}
+        probe["prompt_embeds"], probe["negative_embeds"] = batch["prompt_embeds"][rows], batch["negative_embeds"][rows]
+        return probe
 
     def clip_gradients(self) -> None:
         """Unscale once (one optimizer, however many networks), then clip each network's norm separately.
@@ -506,12 +552,21 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm)
 
     # ------------------------------------------------------------------ neuron reset (TDPO-R)
+    @property
+    def measures_neurons(self) -> bool:
+        """TDPO's critic neurons are measured (and logged) even without resets, as in the official code."""
+        return self.cfg.algorithm.uses_critic
+
+    def reset_due(self, epoch: int) -> bool:
+        algo = self.cfg.algorithm
+        return algo.uses_reset and (epoch + 1) % algo.reset.every == 0
+
     def _reset_layers(self) -> list[tuple[str, torch.nn.Linear, torch.nn.Linear, bool]]:
-        """(name, layer, next layer, is_lora) for every layer whose neurons can be reset."""
-        if self.cfg.algorithm.reset.target == "policy_lora":
+        """(name, layer, next layer, is_lora) for every layer whose neurons are scored (and can be reset)."""
+        if self.cfg.algorithm.uses_reset and self.cfg.algorithm.reset.target == "policy_lora":
             if self.cfg.model.finetune != "lora":
                 raise RewardtuneError("algorithm.reset.target: policy_lora needs model.finetune: lora")
-            return [(name, down, up, True) for name, down, up in lora_pairs(self.accelerator.unwrap_model(self.unet))]
+            return [(name, down, up, True) for name, down, up in lora_pairs(self.policy)]
         critics = self.accelerator.unwrap_model(self.critics)
         layers = []
         for head_name, head in zip(critics.names, critics.heads, strict=True):
@@ -519,26 +574,38 @@ class Trainer:
             layers += [(f"{head_name}.{i}", linears[i], linears[i + 1], False) for i in range(len(linears) - 1)]
         return layers
 
+    def _global_scores(self, activations: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Neuron scores over every process's probe, identical on every rank.
+
+        The activations are all-gathered (as the official recycler does), scored, and rank 0's scores are
+        broadcast, so the masks, the statistics and the reset agree bit for bit on every replica.
+        """
+        if self.accelerator.num_processes == 1:
+            return [neuron_scores(a).cpu() for a in activations]
+        from accelerate.utils import broadcast
+
+        scores = [neuron_scores(self.accelerator.gather(a.contiguous())) for a in activations]
+        return [s.cpu() for s in broadcast(scores, from_process=0)]
+
     @torch.no_grad()
-    def measure_and_reset(self, epoch: int, reset: bool) -> dict[str, float]:
-        """Score neurons on this epoch's last trained time column; reset the selected ones if `reset`."""
+    def measure_and_reset(self, epoch: int, reset: bool, inner: int = 0) -> dict[str, float]:
+        """Score neurons on the inner epoch's probe; reset the selected ones if `reset`."""
         rules = self.cfg.algorithm.reset
         layers = self._reset_layers()
         modules = [down for _, down, _, _ in layers]
-        if rules.target == "policy_lora":
-            rows = slice(0, min(8, self.last_batch["latents"].shape[0]))
-            batch = {k: v.unsqueeze(1) if k in ("latents", "timesteps") else v for k, v in self.last_batch.items()}
+        probe = self.probe
+        if layers and layers[0][3]:
+            batch = {k: v.unsqueeze(1) if k in ("latents", "timesteps") else v for k, v in probe.items()}
             batch["next_latents"] = batch["latents"]
-            acts = record_activations(modules, lambda: self.policy_log_prob(batch, rows, 0))
+            acts = record_activations(modules, lambda: self.policy_log_prob(batch, slice(None), 0, self.policy))
         else:
             critics = self.accelerator.unwrap_model(self.critics).eval()
-            acts = record_activations(modules, lambda: critics(self.last_batch["critic_inputs"]))
+            acts = record_activations(modules, lambda: critics(probe["critic_inputs"]))
             critics.train()
-        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.training.seed, epoch, 0) + 2)
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.training.seed, epoch, 0) + 2 + inner)
         total = dormant = resets = 0
         overlaps = []
-        for (name, down, up, is_lora), activations in zip(layers, acts, strict=True):
-            scores = neuron_scores(activations).cpu()
+        for (name, down, up, is_lora), scores in zip(layers, self._global_scores(acts), strict=True):
             dormant_now = dormant_mask(scores, rules.tau)
             overlaps.append(dormant_overlap(self.previous_dormant.get(name), dormant_now))
             self.previous_dormant[name] = dormant_now
@@ -553,10 +620,22 @@ class Trainer:
                     std = self.accelerator.unwrap_model(self.critics).init_std
                     reset_linear_neurons(down, up, mask, self.optimizer.optimizer, generator, std)
                 fault_point("reset")
+        if reset:
+            self._record_digests("reset", epoch)
         finite = [o for o in overlaps if o == o]
         return {"neurons_total": total, "neurons_dormant": dormant, "neurons_active": total - dormant,
                 "dormant_fraction": dormant / max(total, 1), "dormant_overlap": sum(finite) / len(finite) if finite else None,
                 "reset": reset, "neurons_reset": resets}
+
+    def _record_digests(self, phase: str, epoch: int) -> None:
+        """This replica's policy, critic and optimizer digests (only with RT_DIGEST_DIR: a test hook)."""
+        if not os.environ.get(digests.DIGEST_ENV):
+            return
+        parts = {"policy": [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad],
+                 "optimizer": digests.optimizer_tensors(self.optimizer.optimizer)}
+        if self.critics is not None:
+            parts["critic"] = list(self.accelerator.unwrap_model(self.critics).state_dict().items())
+        digests.record(phase, epoch, self.accelerator.process_index, parts)
 
     # ------------------------------------------------------------------ constraints (CDPO)
     def update_multipliers(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
@@ -634,13 +713,11 @@ class Trainer:
         load_policy_weights(self.accelerator.unwrap_model(self.unet), self.cfg.model, path)
         if self.critics is not None:
             self.accelerator.unwrap_model(self.critics).load_state_dict(load_file(path / "critic.safetensors"))
-        try:  # weights_only: a checkpoint is data, never code (a crafted pickle is refused, not run)
-            optimizer_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CheckpointError(f"checkpoint {path}: optimizer.pt is not a weights-only torch file ({first[:120]}); "
-                                  "resume from another checkpoint or start a new --out") from None
-        self.optimizer.load_state_dict(optimizer_state)
+        try:
+            self.optimizer.load_state_dict(load_optimizer_state(path / "optimizer.pt"))
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt does not fit this run's parameters ({_first_line(err)}); "
+                                  "resume with the original config or start a new --out") from None
         self.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
 
     # ------------------------------------------------------------------ termination (SIGTERM)
@@ -720,10 +797,18 @@ class Trainer:
         handler_installed = threading.current_thread() is threading.main_thread()
         lock = self._lock_out_dir() if self.is_main else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handler_installed else None
+        stopped = False
         try:
             return self._run(resume)
+        except Terminated as err:
+            stopped = True
+            if self.is_main:
+                write_json_atomic(self.out_dir / TERMINATED_FILE, {"message": str(err), "epochs_done": self.epochs_done})
+            raise
         finally:
-            if handler_installed:
+            # Under a launcher, the first rank to exit makes it SIGTERM the others, which may still be on their
+            # way out of a clean stop: they keep this (recording, not killing) handler until they exit.
+            if handler_installed and not (stopped and self.accelerator.num_processes > 1):
                 signal.signal(signal.SIGTERM, previous)
             if lock is not None:
                 os.close(lock)  # releases the flock
@@ -731,6 +816,7 @@ class Trainer:
     def _run(self, resume: bool) -> Path:
         cfg = self.cfg
         if self.is_main:
+            (self.out_dir / TERMINATED_FILE).unlink(missing_ok=True)
             for path in remove_stale(self.checkpoint_dir):
                 log.warning("removed %s: an incomplete checkpoint write from a killed run", path.name)
         if resume:
@@ -758,19 +844,19 @@ class Trainer:
             stats = {**advantage_stats, **self.train_epoch(samples, epoch)}
             times.training = time.perf_counter() - t0
             self.epochs_done = epoch + 1
-            if self.critics is not None:
+            if self.critics is not None:  # over all processes' (sample, step) pairs
                 stats["value_explained_variance"] = explained_variance(
-                    samples.extras["old_values"][..., 0], samples.extras["returns"][..., 0]
+                    self.accelerator.gather(samples.extras["old_values"][..., 0]),
+                    self.accelerator.gather(samples.extras["returns"][..., 0]),
                 )
             if self.constraints:
                 stats |= self.update_multipliers(samples, epoch)
-            reset_now = False
-            if cfg.algorithm.uses_reset:
-                reset_now = self.epochs_done % cfg.algorithm.reset.every == 0
-                if reset_now:
-                    self.save("pre_reset")
-                    fault_point("pre_reset_saved")
-                stats |= self.measure_and_reset(epoch, reset_now)
+            reset_now = self.reset_due(epoch)
+            if reset_now:
+                self.save("pre_reset")
+                fault_point("pre_reset_saved")
+            if self.measures_neurons:
+                stats |= self.measure_and_reset(epoch, reset_now, cfg.training.inner_epochs - 1)
             epoch_images = len(samples) * self.accelerator.num_processes
             self.samples_seen += epoch_images
             rewards = self.accelerator.gather(samples.rewards)
@@ -798,6 +884,7 @@ class Trainer:
                 saved = self.save("post_reset")
             elif stopping or self.epochs_done % cfg.checkpointing.every_epochs == 0 or self.epochs_done == cfg.training.epochs:
                 saved = self.save()
+            self._record_digests("epoch", epoch)
             fault_point("epoch_end")
             self.last_epoch_s = time.monotonic() - self.epoch_started_at
             if stopping and self.epochs_done < cfg.training.epochs:
