@@ -106,3 +106,15 @@ def test_smoke_benchmark_end_to_end_and_resumes(tmp_path):
     assert "<img" in (tmp_path / "results.html").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"{len(res['runs'])} already finished, 0 to run" in again.stdout
+
+
+def test_new_config_fields_validate_with_one_line_errors():
+    from rewardtune.config import load_config
+    from rewardtune.errors import ConfigError
+
+    cfg = load_config(REPO / "configs" / "testbed.yaml")
+    assert cfg.sampling.images_per_prompt == 4 and cfg.algorithm.lagrange.normalize == "base_std"
+    with pytest.raises(ConfigError, match="images_per_prompt=3 must divide sampling.batch_size=8"):
+        load_config(REPO / "configs" / "testbed.yaml", ["sampling.images_per_prompt=3"])
+    with pytest.raises(ConfigError, match="algorithm.lagrange.normalize"):
+        load_config(REPO / "configs" / "testbed.yaml", ["algorithm.lagrange.normalize=std"])
