@@ -42,6 +42,13 @@ def test_plan_is_every_arm_times_seed_then_the_controls():
     assert len(runs) == len(arms) * len(p.seeds) + len(p.gates.gold_trained.seeds) + len(p.gates.shuffled_proxy.seeds)
     assert {r.reward for r in runs if r.arm == GOLD_CONTROL} == {"testbed_gold"}
     assert {r.reward for r in runs if r.arm == SHUFFLED_CONTROL} == {"testbed_proxy_shuffled"}
+    from rewardtune.testbed.benchmark import run_config
+
+    for spec in (runs[0], next(r for r in runs if r.arm == GOLD_CONTROL), next(r for r in runs if r.arm == SHUFFLED_CONTROL)):
+        cfg = run_config(p, spec, Path("prompts"))  # every run is judged on proxy, gold and fidelity
+        assert {cfg.reward.name, *(r.name for r in cfg.eval_rewards)} >= {"testbed_proxy", "testbed_gold", "testbed_fidelity"}
+        assert cfg.reward.name not in {r.name for r in cfg.eval_rewards}
+        assert (cfg.training.epochs, cfg.evaluation.num_heldout_prompts) == (p.epochs, 54)
     tiny = smoke(p)
     assert (tiny.seeds, tiny.epochs, tiny.smoke) == (p.seeds[:2], 4, True)
 

@@ -59,7 +59,7 @@ def plan(p: Protocol) -> list[RunSpec]:
 def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
     """The protocol's shared config with this run's algorithm, seed, reward, overrides, budget and evaluation."""
     from rewardtune.config import ConstraintConfig, RewardSpec, RunConfig, load_config
-    from rewardtune.testbed.compare import FIDELITY
+    from rewardtune.testbed.compare import FIDELITY, GOLD, PROXY
 
     config = Path(p.config) if Path(p.config).is_absolute() else REPO / p.config
     base = load_config(config, spec.overrides)
@@ -70,6 +70,8 @@ def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
         constraint = ConstraintConfig(reward=RewardSpec(name=FIDELITY), relative_margin=p.cdpo_fidelity_margin)
         data["algorithm"]["constraints"] = [constraint.model_dump(mode="json")]
     data["reward"] = {"name": spec.reward}
+    # every run is judged on the same three rewards; the one it trains on is scored as its training reward
+    data["eval_rewards"] = [{"name": n} for n in (PROXY, GOLD, FIDELITY) if n != spec.reward]
     data["training"] |= {"seed": spec.seed, "epochs": p.epochs}
     data["prompts"]["source"] = str(prompts_dir / "train.txt")
     data["checkpointing"] |= {"keep_last": 10_000, "every_epochs": p.checkpoint_every}
@@ -463,6 +465,7 @@ def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: b
     print(f"benchmark {p.name}: {len(runs)} runs, {len(done)} already finished, {len(todo)} to run ({jobs} job(s))", flush=True)
     p_json = p.model_dump_json()
     finished_times: list[float] = []
+    failed: list[str] = []
 
     def report(spec: RunSpec, result: dict[str, Any]) -> None:
         done[spec.name] = result
@@ -480,7 +483,16 @@ def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: b
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(execute, p_json, json.dumps(asdict(s)), str(out), threads): s for s in todo}
             for fut in as_completed(futures):
-                report(futures[fut], fut.result())
+                try:
+                    report(futures[fut], fut.result())
+                except Exception as err:  # the other runs go on; this one resumes on the next call
+                    failed.append(f"{futures[fut].name}: {type(err).__name__}: {err}")
+                    print(f"run {futures[fut].name} failed: {type(err).__name__}: {err}", flush=True)
+    if failed:
+        from rewardtune.errors import RewardtuneError
+
+        raise RewardtuneError(f"{len(failed)} run(s) failed ({'; '.join(failed)}); fix and rerun the same command "
+                              "to resume")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     base_cfg = run_config(p, runs[0], prompts_dir)
     gates_dir = out / "gates"
