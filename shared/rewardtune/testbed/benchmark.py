@@ -432,6 +432,7 @@ def _cached(path: Path, compute) -> Any:
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, value)
     return value
 
