@@ -225,3 +225,65 @@ def test_cli_init_tiny_rewards_out(tiny_rewards, capsys):
     assert main(["init-tiny", "--rewards-out", str(parent)]) == 0  # existing models are kept, not rebuilt
     out = capsys.readouterr().out
     assert all(f"tiny reward {name}: source {parent / name}" in out for name in LEARNED)
+
+
+@pytest.fixture(scope="module")
+def hps_both_versions(tiny_rewards, tmp_path_factory):
+    """A source holding both HPS checkpoints (v2.1 = the tiny stand-in, v2.0 = other weights), as xswu/HPSv2 does."""
+    from rewardtune.rewards.hpsv2 import _register_arch, create_open_clip
+
+    directory = tmp_path_factory.mktemp("hps") / "hpsv2"
+    shutil.copytree(tiny_rewards["hpsv2"], directory)
+    torch.manual_seed(1234)
+    model = create_open_clip(_register_arch(directory, {}))
+    torch.save({"state_dict": model.state_dict()}, directory / "HPS_v2_compressed.pt")
+    return directory
+
+
+def _first_weight(model: torch.nn.Module) -> torch.Tensor:
+    return model.visual.conv1.weight
+
+
+def test_hps_version_picks_the_checkpoint_for_reward_and_critic_tower(hps_both_versions):
+    from rewardtune.rewards import critic_tower_checkpoint
+    from rewardtune.rewards.towers import load_clip_image_tower
+
+    v20 = torch.load(hps_both_versions / "HPS_v2_compressed.pt", weights_only=True)["state_dict"]["visual.conv1.weight"]
+    v21 = torch.load(hps_both_versions / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]["visual.conv1.weight"]
+    assert not torch.equal(v20, v21)
+    assert critic_tower_checkpoint(RewardSpec(name="hpsv2", options={"version": "2.1"})) == "HPS_v2.1_compressed.pt"
+    for options, expected, checkpoint in (({"version": "2.0"}, v20, "HPS_v2_compressed.pt"), ({}, v21, None)):
+        spec = RewardSpec(name="hpsv2", source=str(hps_both_versions), options=options)
+        assert torch.equal(_first_weight(build_reward(spec, "cpu").model), expected)
+        assert critic_tower_checkpoint(spec) == checkpoint
+        tower = load_clip_image_tower(critic_tower_source(spec), "cpu", checkpoint=critic_tower_checkpoint(spec))
+        assert torch.equal(_first_weight(tower.module), expected)
+
+
+def test_hps_version_on_the_hub_fetches_only_that_file():
+    from rewardtune.cache import config_model_refs
+    from rewardtune.config import load_config
+    from tests.conftest import REPO
+
+    spec = RewardSpec(name="hpsv2", options={"version": "2.0"})
+    assert [r.files for r in reward_model_refs(spec)] == [("HPS_v2_compressed.pt",)]
+    cfg = load_config(REPO / "configs" / "sd15-hpsv2-tdpo_r.yaml")  # the official preset: v2.0 for reward and tower
+    assert cfg.reward.options["version"] == "2.0"
+    hps = [r for r in config_model_refs(cfg) if r.source == "xswu/HPSv2"]
+    assert hps and all(r.files == ("HPS_v2_compressed.pt",) for r in hps)
+    from rewardtune.rewards.towers import tower_ref
+
+    assert tower_ref("xswu/HPSv2", "HPS_v2_compressed.pt").files == ("HPS_v2_compressed.pt",)
+    assert tower_ref("xswu/HPSv2").files == ("HPS_v2.1_compressed.pt",)
+
+
+def test_unknown_hps_version_is_a_config_error(tiny_model_dir):
+    from rewardtune.config import parse_config
+    from rewardtune.errors import ConfigError
+    from tests.conftest import tiny_config_dict
+
+    data = tiny_config_dict(tiny_model_dir, reward={"name": "hpsv2", "options": {"version": "3"}})
+    with pytest.raises(ConfigError, match=r"hpsv2 options.version: unknown HPS version '3'; use one of 2.0, 2.1"):
+        parse_config(data)
+    data = tiny_config_dict(tiny_model_dir, reward={"name": "hpsv2", "options": {"version": 2.0}})  # unquoted YAML
+    assert parse_config(data).reward.options["version"] == 2.0

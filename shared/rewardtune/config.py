@@ -135,6 +135,9 @@ class RewardSpec(_Strict):
             hint = difflib.get_close_matches(bad[0], allowed, n=1)
             maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ValueError(f"reward '{self.name}' has no option '{bad[0]}'{maybe}; allowed: {', '.join(allowed) or 'none'}")
+        from rewardtune.rewards import check_options
+
+        check_options(self.name, self.options)
         return self
 
 
@@ -160,6 +163,11 @@ class CriticConfig(_Strict):
     )
     image_encoder: str | None = Field(
         None, description="Source of the frozen image tower (CLIP vision model); None uses the training reward's."
+    )
+    preprocessing: Literal["float", "clip_processor"] = Field(
+        "float",
+        description="How a decoded x_t becomes the tower's input: float (torch resize of the float image) or "
+        "clip_processor (the official code: quantized to uint8, then CLIPImageProcessor).",
     )
     hidden_sizes: list[int] = Field(default_factory=lambda: [1024, 128, 64, 16], min_length=1)
     dropout: list[float] = Field(default_factory=lambda: [0.2, 0.2, 0.1, 0.0])

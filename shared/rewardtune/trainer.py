@@ -230,16 +230,18 @@ class Trainer:
 
     def _load_critic_tower(self):
         """The frozen image tower that embeds decoded x_t for the critic (the reward's own CLIP tower by default)."""
-        from rewardtune.rewards import critic_tower_source
+        from rewardtune.rewards import critic_tower_checkpoint, critic_tower_source
         from rewardtune.rewards.towers import load_clip_image_tower
 
-        source = self.cfg.algorithm.critic.image_encoder or critic_tower_source(self.cfg.reward)
+        critic = self.cfg.algorithm.critic
+        source = critic.image_encoder or critic_tower_source(self.cfg.reward)
         if source is None:
             raise RewardtuneError(
                 f"algorithm.critic.image_encoder is required: reward '{self.cfg.reward.name}' has no image tower "
                 "to share; give a CLIP vision model source (hub id, directory or cache URI)"
             )
-        return load_clip_image_tower(source, self.device)
+        checkpoint = None if critic.image_encoder else critic_tower_checkpoint(self.cfg.reward)
+        return load_clip_image_tower(source, self.device, checkpoint=checkpoint, preprocessing=critic.preprocessing)
 
     def _reference_policy(self) -> torch.nn.Module | None:
         """The frozen base policy of the KL penalty: LoRA runs use the UNet with adapters off (no copy)."""

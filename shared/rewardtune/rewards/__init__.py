@@ -30,18 +30,32 @@ TowerFn = Callable[["RewardSpec"], "str | None"]
 _REGISTRY: dict[str, RewardBuilder] = {}
 _SOURCES: dict[str, SourcesFn] = {}
 _TOWERS: dict[str, TowerFn] = {}
+_TOWER_CHECKPOINTS: dict[str, TowerFn] = {}
 _OPTIONS: dict[str, frozenset[str]] = {}
+_CHECKS: dict[str, Callable[[dict], object]] = {}
 
 
-def register(name: str, options: tuple[str, ...] = ()) -> Callable[[RewardBuilder], RewardBuilder]:
-    """Register a builder and the `options` keys it reads (anything else in a config is an error)."""
+def register(
+    name: str, options: tuple[str, ...] = (), check: Callable[[dict], object] | None = None
+) -> Callable[[RewardBuilder], RewardBuilder]:
+    """Register a builder and the `options` keys it reads (anything else in a config is an error);
+    `check(options)` raises ValueError for a bad option value, so the config is refused when it is loaded."""
 
     def wrap(builder: RewardBuilder) -> RewardBuilder:
         _REGISTRY[name] = builder
         _OPTIONS[name] = frozenset(options)
+        if check is not None:
+            _CHECKS[name] = check
         return builder
 
     return wrap
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise ValueError naming the option when a value is not allowed (unknown keys: `unknown_options`)."""
+    _load_builtin()
+    if name in _CHECKS:
+        _CHECKS[name](options)
 
 
 def register_sources(name: str) -> Callable[[SourcesFn], SourcesFn]:
@@ -57,6 +71,16 @@ def register_sources(name: str) -> Callable[[SourcesFn], SourcesFn]:
 def register_tower(name: str) -> Callable[[TowerFn], TowerFn]:
     def wrap(fn: TowerFn) -> TowerFn:
         _TOWERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_tower_checkpoint(name: str) -> Callable[[TowerFn], TowerFn]:
+    """For rewards whose source holds several checkpoints (HPS v2.0 / v2.1): which one the critic's tower loads."""
+
+    def wrap(fn: TowerFn) -> TowerFn:
+        _TOWER_CHECKPOINTS[name] = fn
         return fn
 
     return wrap
@@ -79,6 +103,13 @@ def critic_tower_source(spec: RewardSpec) -> str | None:
     """
     _load_builtin()
     fn = _TOWERS.get(spec.name)
+    return fn(spec) if fn else None
+
+
+def critic_tower_checkpoint(spec: RewardSpec) -> str | None:
+    """The checkpoint file within `critic_tower_source(spec)` the critic's tower must load; None: the source's default."""
+    _load_builtin()
+    fn = _TOWER_CHECKPOINTS.get(spec.name)
     return fn(spec) if fn else None
 
 

@@ -2,7 +2,8 @@
 of L2-normalized features (no logit scale).
 
 Source: a directory / hub repo holding the `{"state_dict": ...}` checkpoint (default xswu/HPSv2, file
-HPS_v2.1_compressed.pt; `options.checkpoint` picks another file, e.g. HPS_v2_compressed.pt). The
+HPS_v2.1_compressed.pt; `options.version: "2.0"` picks HPS_v2_compressed.pt, the one the official TDPO
+code loads for its reward and critic tower; `options.checkpoint` names any other file). The
 architecture is `options.arch` (default ViT-H-14), or `open_clip_model.json` next to the checkpoint
 (`{"arch": name, "model_cfg": {...}}`, how tiny stand-ins describe themselves). Loaded with
 weights_only=True; the hpsv2 PyPI package is deliberately not used (see field notes).
@@ -22,11 +23,24 @@ import torch.nn.functional as F
 
 from rewardtune.cache import ModelRef, resolve_local
 from rewardtune.errors import RewardError
-from rewardtune.rewards import register, register_sources, register_tower
+from rewardtune.rewards import register, register_sources, register_tower, register_tower_checkpoint
 from rewardtune.rewards.towers import OPEN_CLIP_CONFIG, ClipImageTower, open_clip_tower
 
 DEFAULT_SOURCE = "xswu/HPSv2"
-DEFAULT_CHECKPOINT = "HPS_v2.1_compressed.pt"
+VERSIONS = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
+DEFAULT_CHECKPOINT = VERSIONS["2.1"]
+
+
+def chosen_checkpoint(options: dict[str, Any]) -> str | None:
+    """The checkpoint file `options` ask for (`checkpoint`, else `version`), None when they name none."""
+    if options.get("checkpoint"):
+        return str(options["checkpoint"])
+    if "version" not in options:
+        return None
+    version = str(options["version"])
+    if version not in VERSIONS:
+        raise ValueError(f"hpsv2 options.version: unknown HPS version {version!r}; use one of {', '.join(VERSIONS)}")
+    return VERSIONS[version]
 
 
 def _register_arch(directory: Path, options: dict[str, Any]) -> str:
@@ -44,7 +58,8 @@ def _register_arch(directory: Path, options: dict[str, Any]) -> str:
 
 
 def find_checkpoint(directory: Path, options: dict[str, Any]) -> Path:
-    name = options.get("checkpoint")
+    """The file `options` choose (never another one), else v2.1, else the directory's only kind of *.pt."""
+    name = chosen_checkpoint(options)
     candidates = [directory / name] if name else [directory / DEFAULT_CHECKPOINT, *sorted(directory.glob("*.pt"))]
     for path in candidates:
         if path.is_file():
@@ -107,7 +122,9 @@ class HPSv2:
 
 
 def _ref(spec) -> ModelRef:
-    files = spec.options.get("files") or ([spec.options.get("checkpoint", DEFAULT_CHECKPOINT)] if not spec.source else None)
+    files = spec.options.get("files") or (
+        [chosen_checkpoint(spec.options) or DEFAULT_CHECKPOINT] if not spec.source else None
+    )
     return ModelRef(spec.source or DEFAULT_SOURCE, spec.options.get("revision"), tuple(files) if files else None)
 
 
@@ -121,7 +138,13 @@ def _tower(spec) -> str:
     return spec.source or DEFAULT_SOURCE
 
 
-@register("hpsv2", options=("revision", "dtype", "files", "checkpoint", "arch"))
+@register_tower_checkpoint("hpsv2")
+def _tower_checkpoint(spec) -> str | None:
+    """The critic's tower is the reward's own checkpoint (v2.0 for the official TDPO presets)."""
+    return chosen_checkpoint(spec.options)
+
+
+@register("hpsv2", options=("revision", "dtype", "files", "checkpoint", "version", "arch"), check=chosen_checkpoint)
 def _build(spec, device: torch.device) -> HPSv2:
     dtype = getattr(torch, spec.options.get("dtype", "float32"))
     ref = _ref(spec)

@@ -1,12 +1,16 @@
 """Frozen CLIP image towers: one implementation shared by the aesthetic/PickScore/CLIPScore/HPSv2 rewards
 and TDPO's critic (which embeds decoded x_t with the training reward's tower).
 
-Preprocessing is done on the (GPU) tensor with torch ops — shortest-side bicubic resize with antialias,
-center crop, mean/std normalization — so no image ever leaves the device through PIL.
+Preprocessing is done on the (GPU) tensor — no image ever leaves the device through PIL — in one of two ways:
+`float` (torch ops on the float image: shortest-side bicubic resize with antialias, center crop, mean/std
+normalization) or `clip_processor`, the official TDPO critic's input: the image quantized to uint8, then
+transformers' CLIPImageProcessor (its torchvision backend, batched: uint8 bicubic antialiased resize of the
+shortest side, center crop, rescale, CLIP mean/std).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -42,20 +46,48 @@ def preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tu
     return ((x - m) / s).to(dtype)
 
 
+PREPROCESSING = ("float", "clip_processor")
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_processor(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(mean), image_std=list(std))
+
+
+def clip_processor_preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                              dtype: torch.dtype) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> the official TDPO critic's input: round to uint8, then CLIPImageProcessor
+    (openai/clip-vit-large-patch14's settings at `size`: shortest side bicubic, center crop, mean/std)."""
+    pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    out = _clip_processor(size, tuple(mean), tuple(std))(images=pixels, return_tensors="pt", device=pixels.device)
+    return out["pixel_values"].to(dtype)
+
+
 class ClipImageTower:
     """A frozen image encoder: `embed(images in [0,1]) -> [B, dim]` float32, L2-normalized, no grad."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], dim: int, image_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype,
-                 module: torch.nn.Module | None = None) -> None:
+                 module: torch.nn.Module | None = None, preprocessing: str = "float") -> None:
         self._encode, self.dim, self.image_size = encode, dim, image_size
         self.mean, self.std, self.device, self.dtype = mean, std, device, dtype
         self.module = module  # kept so callers can inspect/move it; always eval() and requires_grad False
+        self.preprocessing = preprocessing  # one of PREPROCESSING
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's input for images in [0,1], by `self.preprocessing`."""
+        if self.preprocessing == "clip_processor":
+            return clip_processor_preprocess(images.to(self.device), self.image_size, self.mean, self.std, self.dtype)
+        if self.preprocessing != "float":
+            raise ValueError(f"unknown tower preprocessing {self.preprocessing!r}; use one of {', '.join(PREPROCESSING)}")
+        return preprocess(images.to(self.device), self.image_size, self.mean, self.std, self.dtype)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = preprocess(images.to(self.device), self.image_size, self.mean, self.std, self.dtype)
-        return F.normalize(self._encode(x).float(), dim=-1)
+        return F.normalize(self._encode(self.pixel_values(images)).float(), dim=-1)
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -121,19 +153,30 @@ def find_tower_dir(directory: Path) -> tuple[str, Path]:
     raise RewardError(f"{directory} holds no CLIP image tower (no config.json, clip/ subfolder or open_clip checkpoint)")
 
 
-def tower_ref(source: str) -> ModelRef:
-    """The cache entry a tower source needs (hub CLIP repos: only the PyTorch files)."""
-    return ModelRef(source, None, HUB_TOWER_FILES.get(source, CLIP_FILES) if source_kind(source) == "hub" else None)
+def tower_ref(source: str, checkpoint: str | None = None) -> ModelRef:
+    """The cache entry a tower source needs (hub CLIP repos: only the PyTorch files; `checkpoint`: that file only)."""
+    if source_kind(source) != "hub":
+        return ModelRef(source, None, None)
+    return ModelRef(source, None, (checkpoint,) if checkpoint else HUB_TOWER_FILES.get(source, CLIP_FILES))
 
 
-def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ClipImageTower:
+def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                          checkpoint: str | None = None, preprocessing: str = "float") -> ClipImageTower:
     """Load a frozen CLIP image tower from a source: hub id, local dir, or cache URI.
 
     Accepts a transformers CLIP directory (CLIPModel or CLIPVisionModelWithProjection), a reward directory
-    bundling one under `clip/` (aesthetic, ImageReward), or an HPSv2 open_clip checkpoint directory.
+    bundling one under `clip/` (aesthetic, ImageReward), or an HPSv2 open_clip checkpoint directory
+    (`checkpoint` names the file, e.g. HPS_v2_compressed.pt). `preprocessing`: one of PREPROCESSING.
     """
-    device = torch.device(device)
-    ref = tower_ref(source)
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown tower preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSING)}")
+    tower = _load_tower(source, torch.device(device), dtype, checkpoint)
+    tower.preprocessing = preprocessing
+    return tower
+
+
+def _load_tower(source: str, device: torch.device, dtype: torch.dtype, checkpoint: str | None) -> ClipImageTower:
+    ref = tower_ref(source, checkpoint)
     directory = resolve_local(ref.source, ref.revision, ref.files)
     if directory.is_file():
         directory = directory.parent
@@ -148,5 +191,5 @@ def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.
         return _hf_tower(where, device, dtype)
     from rewardtune.rewards.hpsv2 import load_open_clip
 
-    model, _ = load_open_clip(where, {}, device, dtype)
+    model, _ = load_open_clip(where, {"checkpoint": checkpoint} if checkpoint else {}, device, dtype)
     return open_clip_tower(model, device, dtype)
