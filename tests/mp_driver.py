@@ -44,6 +44,19 @@ def capture_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
+def keep_order(trainer: Trainer) -> None:
+    """Train the samples and time columns in stored order: the shuffle is not under test, and its per-process
+    seeds would make one process and two train different (sample, step) pairs in a one-column epoch."""
+
+    def in_order(samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        k = samples.timesteps.shape[1]
+        batch = {name: getattr(samples, name) for name in
+                 ("latents", "next_latents", "timesteps", "log_probs", "advantages", "prompt_embeds", "negative_embeds")}
+        return batch | {name: v for name, v in samples.extras.items() if v.ndim >= 2 and v.shape[1] == k}
+
+    trainer._shuffled = in_order
+
+
 def samples_share(stored: dict, rank: int, world: int) -> EpochSamples:
     n = len(stored["prompts"]) // world
     rows = slice(rank * n, (rank + 1) * n)
@@ -58,6 +71,7 @@ def grad_step(step: dict) -> None:
     samples = samples_share(stored["samples"], acc.process_index, acc.num_processes)
     trainer.compute_advantages(samples)
     grads = capture_gradients(trainer)
+    keep_order(trainer)
     stats = trainer.train_epoch(samples, 0)
     advantages = acc.gather(samples.advantages)
     if acc.is_main_process:
