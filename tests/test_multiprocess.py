@@ -223,3 +223,51 @@ def test_sigterm_stops_both_ranks_with_a_checkpoint_and_the_stage_exits_143(setu
     assert [r["epoch"] for r in records] == list(range(done))
     assert json.loads((out / TERMINATED_FILE).read_text())["epochs_done"] == done
     assert not _worker_pids(tag), "a training process outlived the stage"
+
+
+# ------------------------------------------------------------------ pure helpers (fast)
+def test_tensor_digest_sees_names_order_and_every_bit():
+    import hashlib
+
+    from rewardtune.digests import tensors_digest
+
+    assert tensors_digest([]) == hashlib.sha256().hexdigest()
+    a, b = torch.zeros(3), torch.ones(2)
+    base = tensors_digest([("a", a), ("b", b)])
+    assert base == tensors_digest([("a", a.clone()), ("b", b.clone())])
+    assert base != tensors_digest([("b", b), ("a", a)])
+    assert base != tensors_digest([("x", a), ("b", b)])
+    flipped = a.clone()
+    flipped.view(torch.int32)[1] ^= 1  # one bit of one float: the smallest possible replica drift
+    assert base != tensors_digest([("a", flipped), ("b", b)])
+
+
+def test_launcher_gets_a_shutdown_timeout_above_the_grace_and_starts_n_processes():
+    from rewardtune.stages import SHUTDOWN_MARGIN_S, launcher_env, multi_process_command
+
+    assert launcher_env(45.0, {})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(45 + SHUTDOWN_MARGIN_S)
+    assert launcher_env(0.5, {})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(1 + SHUTDOWN_MARGIN_S)
+    assert launcher_env(45.0, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"
+    assert launcher_env(45.0, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "x"})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "60"
+    cmd = multi_process_command(4, ["--config", "c.yaml"])
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
+    assert cmd[7:] == ["rewardtune.cli", "train", "--config", "c.yaml"] and "--cpu" not in cmd
+
+
+def test_optimizer_state_errors_say_what_is_wrong(tmp_path):
+    from rewardtune.errors import CheckpointError
+    from rewardtune.trainer import load_optimizer_state
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones(2)
+    optimizer.step()
+    good = tmp_path / "optimizer.pt"
+    torch.save(optimizer.state_dict(), good)
+    assert torch.equal(load_optimizer_state(good)["state"][0]["exp_avg"], optimizer.state[param]["exp_avg"])
+    truncated = tmp_path / "truncated" / "optimizer.pt"
+    truncated.parent.mkdir()
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="optimizer.pt could not be read") as err:
+        load_optimizer_state(truncated)
+    assert "weights-only" not in str(err.value)

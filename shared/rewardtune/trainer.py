@@ -51,7 +51,7 @@ from rewardtune.diffusion import (
 from rewardtune.errors import CheckpointError, RewardtuneError, Terminated
 from rewardtune.faults import fault_point
 from rewardtune.kl import KLController, kl_penalty, sample_kl
-from rewardtune.lagrangian import DualState, combine_advantages
+from rewardtune.lagrangian import DualState, combine_advantages, dual_scale
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.metrics import MetricsLog
 from rewardtune.models import (
@@ -320,7 +320,9 @@ class Trainer:
                   else lambda prompts: encode_prompts(tokenizer, text_encoder, prompts))
         for _ in range(cfg.batches_per_epoch):
             start = time.perf_counter()
-            prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
+            group = cfg.images_per_prompt
+            drawn = prompt_rng.integers(len(self.prompts), size=cfg.batch_size // group)
+            prompts = [self.prompts[i] for i in drawn for _ in range(group)]
             embeds = encode(prompts)
             negative = self.negative_embed.expand(len(prompts), -1, -1)
             critic_inputs: list[torch.Tensor] = []
@@ -704,13 +706,19 @@ class Trainer:
     # ------------------------------------------------------------------ constraints (CDPO)
     def update_multipliers(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
         """Projected dual ascent on c_k - Ĵ_k once per epoch; relative thresholds come from epoch 0's base policy."""
-        means = self.accelerator.gather(samples.extras["all_rewards"]).mean(dim=0).tolist()[1:]
+        gathered = self.accelerator.gather(samples.extras["all_rewards"])
+        means = gathered.mean(dim=0).tolist()[1:]
         for k, spec in enumerate(self.constraints):
             if self.thresholds[k] is None:
                 if epoch != 0:
                     raise CheckpointError("relative CDPO thresholds are set at epoch 0; resume from a checkpoint that has them")
                 self.thresholds[k] = means[k] - spec.relative_margin
         lagrange = self.cfg.algorithm.lagrange
+        if lagrange.normalize == "base_std" and not self.dual.scales:
+            if epoch != 0:
+                raise CheckpointError("scale-free CDPO scales are set at epoch 0; resume from a checkpoint that has them")
+            stds = gathered.std(dim=0).tolist()[1:] if gathered.shape[0] > 1 else [0.0] * len(self.constraints)
+            self.dual.scales = [dual_scale(s, lagrange.scale_floor) for s in stds]
         self.dual.update(self.thresholds, means, lagrange.learning_rate, lagrange.pid_kp, lagrange.pid_kd)
         record = {}
         for k, spec in enumerate(self.constraints):
