@@ -108,6 +108,14 @@ class SamplingConfig(_Strict):
         1, ge=0, le=1, description="1: score each batch in a reward thread while the next one samples; 0: inline."
     )
 
+    @model_validator(mode="after")
+    def _groups_fill_batches(self) -> SamplingConfig:
+        if self.batch_size % self.images_per_prompt:
+            raise ValueError(
+                f"images_per_prompt={self.images_per_prompt} must divide sampling.batch_size={self.batch_size}"
+            )
+        return self
+
 
 # Issue 18, phase 1: validated sections for the flow family and GRPO. They are deliberately NOT fields of
 # RunConfig yet (the trainer cannot run them); phase 2 attaches them as `sampling.flow`, `algorithm.group`,
@@ -145,14 +153,6 @@ class GroupConfig(_Strict):
 
     group_size: int = Field(24, ge=2, description="Images per prompt (Flow-GRPO's SD3.5 presets: 24).")
     std: Literal["global", "group"] = Field("global", description="Divide by all rewards' std or the group's own.")
-
-    @model_validator(mode="after")
-    def _groups_fill_batches(self) -> SamplingConfig:
-        if self.batch_size % self.images_per_prompt:
-            raise ValueError(
-                f"images_per_prompt={self.images_per_prompt} must divide sampling.batch_size={self.batch_size}"
-            )
-        return self
 
 
 class RewardSpec(_Strict):
