@@ -19,7 +19,7 @@ import yaml
 from rewardtune.trainjob import torchrun_command
 from tests.conftest import tiny_config_dict
 
-TIMING = ("images_per_s", "time_sampling_s", "time_reward_s", "time_training_s")
+TIMING = ("images_per_s", "time_sampling_s", "time_reward_s", "time_reward_wait_s", "time_training_s")
 NODE_TIMEOUT_S = 240
 
 
