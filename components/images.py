@@ -1,4 +1,8 @@
-"""Image references for the components, read from images/images.yaml (the file images/build.py builds from)."""
+"""Image references for the components, read from images/images.yaml (the file images/build.py builds from).
+
+The DAG takes whole references as parameters (`trainer_image`, `cpu_image`, defaulting to these): the KFP
+driver replaces an image string containing a parameter placeholder by the parameter's value as a whole.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,9 @@ REGISTRY: str = _SPEC["registry"]
 DEFAULT_TAG: str = _SPEC["tag"]
 
 
-def image_repo(key: str) -> str:
-    """`registry/name` without a tag, for tags chosen at run time (`set_container_image`)."""
-    return f"{REGISTRY}/{_SPEC['images'][key]['name']}"
-
-
 def image_ref(key: str, tag: str = DEFAULT_TAG) -> str:
-    return f"{image_repo(key)}:{tag}"
+    """`registry/name:tag` for one image key of images.yaml (trainer, cpu)."""
+    return f"{REGISTRY}/{_SPEC['images'][key]['name']}:{tag}"
 
 
 TRAINER_IMAGE = image_ref("trainer")

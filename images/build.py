@@ -36,7 +36,8 @@ def build_commands(keys: list[str], tag: str | None, push: bool) -> list[list[st
         if key not in spec["images"]:
             raise SystemExit(f"unknown image '{key}'; images.yaml defines {', '.join(spec['images'])}")
         ref = image_ref(key, tag, spec)
-        commands.append(["docker", "build", "-f", spec["images"][key]["dockerfile"], "-t", ref, "."])
+        commands.append(["docker", "build", "-f", spec["images"][key]["dockerfile"], "--build-arg",
+                         f"VERSION={tag or spec['tag']}", "-t", ref, "."])
         if push:
             commands.append(["docker", "push", ref])
     return commands

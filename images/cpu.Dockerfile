@@ -3,6 +3,14 @@
 # The base is pinned by tag and digest; refresh both with `docker buildx imagetools inspect <tag>`.
 FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="rewardtune-cpu" \
+      org.opencontainers.image.description="Slim CPU image: rewardtune + kfp with CPU torch; prepare-prompts, train-multinode (the TrainJob launcher), report" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="https://github.com/rewardtune/rewardtune" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="rewardtune"
+
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ENV PYTHONUNBUFFERED=1 \

@@ -1,20 +1,27 @@
 """The alignment DAG: prepare-prompts -> cache-models -> train -> evaluate (per checkpoint) -> report.
 
+Training is one pod with `gpus_per_node` GPUs when `num_nodes` is 1, and a Kubeflow Trainer TrainJob over
+`num_nodes` pods (launched and awaited by the CPU step train-multinode) otherwise.
+
 Cluster-only settings (GPUs, node selection, PVCs, secrets, /dev/shm) are kfp-kubernetes platform config:
 `kfp.local` ignores them, so the same definition also runs on a laptop.
+
+Images are whole references (`trainer_image`, `cpu_image`): the KFP driver resolves a pod-spec field that
+contains `{{$.inputs.parameters['X']}}` by replacing the *whole* string with X's value, so an image must be a
+literal or exactly one placeholder, never a placeholder inside a longer string.
 """
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Model
 
 from components.cache_models.component import cache_models
 from components.evaluate.component import evaluate
 from components.export.component import export
-from components.images import DEFAULT_TAG, image_repo
+from components.images import CPU_IMAGE, TRAINER_IMAGE
 from components.prepare_prompts.component import prepare_prompts
 from components.record_status.component import record_status
 from components.report.component import report
 from components.train.component import train
+from components.train_multinode.component import train_multinode
 
 PIPELINE_NAME = "rewardtune-alignment"
 CHECKPOINT_MOUNT = "/mnt/checkpoints"
@@ -51,14 +58,39 @@ def _on_gpu(task: dsl.PipelineTask, gpu_count, node_selector) -> None:
 RUN_AS = 1000  # the images' `rewardtune` user (images/*.Dockerfile: USER 1000:1000)
 
 
-def _image(task: dsl.PipelineTask, key: str, tag: str) -> dsl.PipelineTask:
+def _image(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
     """The stage's image, run as the images' non-root user (KFP adds drop-ALL and no privilege escalation).
 
     readOnlyRootFilesystem cannot be expressed through kfp-kubernetes 2.17 (set_security_context has only the
     identity fields); the standalone Jobs in manifests/jobs/ set it, and a cluster policy can enforce it here.
     """
     kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
-    return task.set_container_image(f"{image_repo(key)}:{tag}")
+    return task.set_container_image(image)
+
+
+def _evaluate_and_report(trained: dsl.PipelineTask, config, prep, trainer_image, cpu_image, gpu_node_selector,
+                         model_cache_pvc, model_cache_uri, export_select, push_to_hub) -> None:
+    """Evaluate every checkpoint of `trained` (ParallelFor + Collected), report, then export the checkpoint chosen
+    by held-out evaluation as a KFP Model (a diffusers pipeline). Called in each training branch rather than once
+    after a dsl.OneOf: kfp.local cannot select an artifact out of a OneOf."""
+    with dsl.ParallelFor(trained.outputs["Output"], parallelism=2, name="per-checkpoint") as checkpoint:
+        ev = evaluate(config=config, checkpoints=trained.outputs["checkpoints"], prompts=prep.outputs["prompts"],
+                      checkpoint=checkpoint, model_cache_uri=model_cache_uri)
+        _image(ev, trainer_image).set_retry(num_retries=2, backoff_duration="60s")
+        _on_gpu(ev, 1, gpu_node_selector)
+        kubernetes.mount_pvc(ev, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
+        _use_s3(ev)
+    rep = report(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]))
+    _image(rep, cpu_image)
+
+    shipped = export(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]),
+                     select=export_select, merge=True, push_to_hub=push_to_hub).after(rep)
+    _image(shipped, trainer_image)
+    shipped.set_memory_request("16G")
+    kubernetes.mount_pvc(shipped, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
+    _use_s3(shipped)
+    kubernetes.use_secret_as_env(shipped, secret_name=HF_SECRET, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"},
+                                 optional=True)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Reward fine-tuning (DDPO / TDPO / TDPO-R / CDPO) with evaluation and report.")
@@ -68,9 +100,11 @@ def alignment_pipeline(
     base_model: str = "",
     reward: str = "",
     epochs: int = 0,
-    gpu_count: int = 1,
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
     gpu_node_selector: dict = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},  # noqa: B006 - KFP parameter default
-    image_tag: str = DEFAULT_TAG,
+    trainer_image: str = TRAINER_IMAGE,
+    cpu_image: str = CPU_IMAGE,
     checkpoint_pvc: str = "rewardtune-checkpoints",
     model_cache_pvc: str = "rewardtune-model-cache",
     model_cache_uri: str = CACHE_MOUNT,
@@ -79,59 +113,47 @@ def alignment_pipeline(
 ):
     """`config` is YAML text or a URI (path, file://, s3://); empty algorithm/base_model/reward/epochs keep the config's.
 
-    `model_cache_uri` is where cache-models writes: the mounted cache PVC (default) or an s3:// prefix.
+    `model_cache_uri` is where cache-models writes and train/evaluate read: the mounted cache PVC (default) or an
+    s3:// prefix. `num_nodes` > 1 needs a ReadWriteMany `checkpoint_pvc` and the TrainingRuntime in manifests/.
     """
     status = record_status()
-    _image(status, "cpu", image_tag)
+    _image(status, cpu_image)
     with dsl.ExitHandler(status, name="alignment"):
         prep = prepare_prompts(config=config, base_model=base_model)
-        _image(prep, "cpu", image_tag)
+        _image(prep, cpu_image)
         _use_s3(prep)
 
         cache = cache_models(config=config, cache_uri=model_cache_uri, base_model=base_model, reward=reward)
-        _image(cache, "trainer", image_tag).set_retry(num_retries=2, backoff_duration="60s")
+        _image(cache, trainer_image).set_retry(num_retries=2, backoff_duration="60s")
         kubernetes.mount_pvc(cache, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
         _use_s3(cache)
 
-        trained = train(
-            config=config, prompts=prep.outputs["prompts"], algorithm=algorithm, base_model=base_model, reward=reward,
-            epochs=epochs, num_gpus=gpu_count, workdir=CHECKPOINT_MOUNT, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).after(cache)
-        _image(trained, "trainer", image_tag)
-        # A retried pod finds its checkpoints on the PVC and resumes; a cached result would skip training entirely.
-        trained.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
-        trained.set_memory_request("32G").set_cpu_request("8")
-        _on_gpu(trained, gpu_count, gpu_node_selector)
-        kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
-        kubernetes.mount_pvc(trained, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
-        _use_s3(trained)
-
-        with dsl.ParallelFor(trained.outputs["Output"], parallelism=2, name="per-checkpoint") as checkpoint:
-            ev = evaluate(config=config, checkpoints=trained.outputs["checkpoints"], prompts=prep.outputs["prompts"],
-                          checkpoint=checkpoint)
-            _image(ev, "trainer", image_tag).set_retry(num_retries=2, backoff_duration="60s")
-            _on_gpu(ev, 1, gpu_node_selector)
-            kubernetes.mount_pvc(ev, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
-            _use_s3(ev)
-
-        rep = report(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]))
-        _image(rep, "cpu", image_tag)
-
-        # export (issue 17): the checkpoint chosen by held-out evaluation, as a KFP Model (a diffusers pipeline)
-        shipped = export(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]),
-                         select=export_select, merge=True, push_to_hub=push_to_hub).after(rep)
-        _image(shipped, "trainer", image_tag)
-        shipped.set_memory_request("16G")
-        kubernetes.mount_pvc(shipped, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
-        _use_s3(shipped)
-        kubernetes.use_secret_as_env(shipped, secret_name=HF_SECRET, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"},
-                                     optional=True)
-
-
-@dsl.pipeline(name=f"{PIPELINE_NAME}-train-only", description="The sub-DAG whose stages exist today: prepare-prompts -> train.")
-def train_only_pipeline(config: str, base_model: str = "", epochs: int = 0) -> Model:
-    """For kfp.local and smoke tests while cache-models / evaluate / report are wired in."""
-    prep = prepare_prompts(config=config, base_model=base_model)
-    trained = train(config=config, prompts=prep.outputs["prompts"], base_model=base_model, epochs=epochs)
-    trained.set_caching_options(False)
-    return trained.outputs["checkpoints"]
+        with dsl.If(num_nodes == 1, name="single-node"):
+            trained = train(
+                config=config, prompts=prep.outputs["prompts"], algorithm=algorithm, base_model=base_model,
+                reward=reward, epochs=epochs, num_gpus=gpus_per_node, workdir=CHECKPOINT_MOUNT,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, model_cache_uri=model_cache_uri,
+            ).after(cache)
+            _image(trained, trainer_image)
+            # A retried pod finds its checkpoints on the PVC and resumes; a cached result would skip training.
+            trained.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
+            trained.set_memory_request("32G").set_cpu_request("8")
+            _on_gpu(trained, gpus_per_node, gpu_node_selector)
+            kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+            kubernetes.mount_pvc(trained, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
+            _use_s3(trained)
+            _evaluate_and_report(trained, config, prep, trainer_image, cpu_image, gpu_node_selector, model_cache_pvc,
+                                 model_cache_uri, export_select, push_to_hub)
+        with dsl.Else(name="multi-node"):
+            launched = train_multinode(
+                config=config, prompts=prep.outputs["prompts"], trainer_image=trainer_image, num_nodes=num_nodes,
+                gpus_per_node=gpus_per_node, node_selector=gpu_node_selector, checkpoint_pvc=checkpoint_pvc,
+                model_cache_pvc=model_cache_pvc, workdir=CHECKPOINT_MOUNT, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                algorithm=algorithm, base_model=base_model, reward=reward, epochs=epochs, model_cache_uri=model_cache_uri,
+            ).after(cache)
+            _image(launched, cpu_image)
+            # The launcher only waits: a retry re-attaches to the TrainJob (or replaces a Failed one, which resumes).
+            launched.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
+            kubernetes.mount_pvc(launched, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+            _evaluate_and_report(launched, config, prep, trainer_image, cpu_image, gpu_node_selector, model_cache_pvc,
+                                 model_cache_uri, export_select, push_to_hub)

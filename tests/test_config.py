@@ -29,7 +29,7 @@ BAD = [
     ({"training": {"timestep_fraction": 1.5}}, "training.timestep_fraction: Input should be less than or equal to 1"),
     ({"training": {"timestep_fraction": 0.0}}, "training.timestep_fraction: Input should be greater than 0"),
     ({"training": {"clip_range": 0.0}}, "training.clip_range: Input should be greater than 0"),
-    ({"algorithm": {"name": "ppo"}}, "algorithm.name: Input should be 'ddpo', 'tdpo', 'tdpo_r' or 'cdpo'"),
+    ({"algorithm": {"name": "ppo"}}, "algorithm.name: Input should be 'ddpo', 'grpo', 'tdpo', 'tdpo_r' or 'cdpo'"),
     ({"reward": {"name": "brightnes"}}, "unknown reward 'brightnes' (did you mean 'brightness'?)"),
     ({"algorithm": {"name": "cdpo"}}, "cdpo needs at least one entry in algorithm.constraints"),
     ({"training": {"batch_size": 3}}, "training.batch_size=3 must divide"),

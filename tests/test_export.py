@@ -191,10 +191,15 @@ def test_push_to_hub_makes_the_create_and_upload_requests(lora_run, tmp_path, mo
 def test_the_dag_exports_a_model_artifact_after_the_report():
     sys.path.insert(0, str(REPO))
     pipeline_doc, _ = yaml.safe_load_all((REPO / "pipelines" / "alignment.yaml").read_text())
-    tasks = pipeline_doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    export = tasks["export"]
-    assert "report" in export["dependentTasks"]
-    assert export["inputs"]["artifacts"]["evaluations"]["taskOutputArtifact"]["producerTask"] == "for-loop-2"
-    outputs = pipeline_doc["components"]["comp-export"]["outputDefinitions"]["artifacts"]
-    assert outputs["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    # one export per training branch (single-node train, multi-node launcher), each after its own report
+    exports = [(tasks[name], tasks) for c in pipeline_doc["components"].values()
+               for tasks in [c.get("dag", {}).get("tasks", {})] for name in tasks if name.startswith("export")]
+    assert len(exports) == 2
+    for export, tasks in exports:
+        report = next(n for n in export["dependentTasks"] if n.startswith("report"))
+        loop = export["inputs"]["artifacts"]["evaluations"]["taskOutputArtifact"]["producerTask"]
+        assert loop.startswith("for-loop") and loop == tasks[report]["inputs"]["artifacts"]["evaluations"][
+            "taskOutputArtifact"]["producerTask"]
+        outputs = pipeline_doc["components"][export["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+        assert outputs["model"]["artifactType"]["schemaTitle"] == "system.Model"
     assert {"export_select", "push_to_hub"} <= set(pipeline_doc["root"]["inputDefinitions"]["parameters"])

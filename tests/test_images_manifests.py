@@ -31,6 +31,23 @@ def test_dockerfile_is_hadolint_clean_pinned_and_non_root(key):
     assert re.search(r"^FROM \S+:\S+@sha256:[0-9a-f]{64}$", text, re.M), "base must be pinned by tag and digest"
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
     assert 'ENTRYPOINT ["rewardtune"]' in text
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z]+)="([^"]*)"', text))
+    assert {"title", "description", "version", "source", "licenses"} <= {k.rsplit(".", 1)[1] for k in labels}
+    assert labels["org.opencontainers.image.title"] == IMAGES["images"][key]["name"]
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+
+
+def test_trainer_torch_build_matches_the_base_image_cuda():
+    """The trainer's torch wheel is the CUDA build of the base image (PyPI's default is another CUDA)."""
+    text = (REPO / IMAGES["images"]["trainer"]["dockerfile"]).read_text()
+    major, minor = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-", text, re.M).groups()
+    tag = f"cu{major}{minor}"
+    assert re.search(rf"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/{tag}$", text, re.M)
+    install = next(line for line in text.splitlines() if "pip install" in line and "torch==" in line)
+    assert '--index-url "${TORCH_INDEX}"' in install
+    assert f'"torch==${{TORCH_VERSION}}+{tag}"' in install and f'"torchvision==${{TORCHVISION_VERSION}}+{tag}"' in install
+    makefile = (REPO / "Makefile").read_text()  # the same torch release as every other install
+    assert re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1) in makefile
 
 
 def test_build_script_uses_images_yaml():
@@ -38,24 +55,81 @@ def test_build_script_uses_images_yaml():
     assert proc.returncode == 0, proc.stderr
     for spec in IMAGES["images"].values():
         ref = f"{IMAGES['registry']}/{spec['name']}:{IMAGES['tag']}"
-        assert f"docker build -f {spec['dockerfile']} -t {ref} ." in proc.stdout and f"docker push {ref}" in proc.stdout
+        build = f"docker build -f {spec['dockerfile']} --build-arg VERSION={IMAGES['tag']} -t {ref} ."
+        assert build in proc.stdout and f"docker push {ref}" in proc.stdout
 
 
-def test_manifests_validate_strictly():
-    base = REPO / "manifests" / "base"
-    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
-    files = [str(base / name) for name in kustomization["resources"]]
-    proc = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", *files], capture_output=True, text=True)
+MANIFESTS = REPO / "manifests"
+BUILTIN_GROUPS = {"v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1", "scheduling.k8s.io/v1"}
+K8S_VERSIONS = [f"1.{minor}.0" for minor in range(29, 36)]
+
+
+def _docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _builtin_manifests() -> list[Path]:
+    """Every file under manifests/ holding built-in Kubernetes kinds (kustomizations and custom resources are
+    checked elsewhere: the TrainingRuntime against its vendored CRD in tests/test_trainjob.py)."""
+    files = [p for p in sorted(MANIFESTS.rglob("*.yaml")) if all(d.get("apiVersion") in BUILTIN_GROUPS for d in _docs(p))]
+    assert {p.relative_to(MANIFESTS).as_posix() for p in files} >= {"base/rbac.yaml", "base/pvc.yaml", "jobs/train-job.yaml"}
+    return files
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_strictly(version):
+    files = [str(p) for p in _builtin_manifests()]
+    proc = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *files],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    kinds = {doc["kind"] for f in files for doc in yaml.safe_load_all(Path(f).read_text()) if doc}
-    assert {"Namespace", "PersistentVolumeClaim", "Secret", "ServiceAccount", "Role", "RoleBinding", "PriorityClass"} <= kinds
-    secret = yaml.safe_load((base / "s3-secret.yaml").read_text())
+
+
+def test_manifest_inventory_and_kustomizations():
+    kinds = {d["kind"] for p in _builtin_manifests() for d in _docs(p)}
+    assert {"PersistentVolumeClaim", "Secret", "ServiceAccount", "Role", "RoleBinding", "PriorityClass", "Job"} <= kinds
+    secret = yaml.safe_load((MANIFESTS / "base" / "s3-secret.yaml").read_text())
     assert set(secret["stringData"].values()) & {"REPLACE_ME"}, "the Secret must stay a template"
+    for kustomization in MANIFESTS.rglob("kustomization.yaml"):  # every reference exists
+        spec = yaml.safe_load(kustomization.read_text())
+        for ref in [*spec.get("resources", []), *spec.get("components", [])]:
+            assert (kustomization.parent / ref).exists(), f"{kustomization}: {ref}"
+    overlays = {p.parent.name: yaml.safe_load(p.read_text()) for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml")}
+    assert overlays["standalone"]["namespace"] == "kubeflow" and overlays["multi-user"]["namespace"] == "rewardtune"
+    assert "kubeflow" in overlays["standalone"]["patches"][0]["patch"]  # the RoleBinding subject follows
+    multinode = yaml.safe_load((MANIFESTS / "components" / "multinode" / "kustomization.yaml").read_text())
+    assert multinode["kind"] == "Component" and "ReadWriteMany" in multinode["patches"][0]["patch"]
+    profile = yaml.safe_load((MANIFESTS / "profile" / "profile.yaml").read_text())
+    assert (profile["apiVersion"], profile["kind"], profile["metadata"]["name"]) == ("kubeflow.org/v1", "Profile", "rewardtune")
+
+
+def _grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def _covered(grant, ours) -> bool:
+    group, resource, verb = grant
+    return any(g == group and r in (resource, "*") and v in (verb, "*") for g, r, v in ours)
+
+
+def test_role_covers_kfp_pipeline_runner():
+    """What KFP 2.17's own pipeline-runner Role grants (vendored), ours grants too, plus the TrainJob verbs."""
+    reference = yaml.safe_load((REPO / "tests" / "data" / "kubeflow-pipelines-2.17.0" / "pipeline-runner-role.yaml").read_text())
+    role = next(d for d in _docs(MANIFESTS / "base" / "rbac.yaml") if d["kind"] == "Role")
+    ours = _grants(role["rules"])
+    missing = sorted(g for g in _grants(reference["rules"]) if not _covered(g, ours))
+    assert not missing, f"rbac.yaml lacks what pipeline-runner grants: {missing}"
+    for needed in [("", "configmaps", "watch"), ("", "pods", "patch"), ("", "pods/exec", "create"),
+                   ("argoproj.io", "workflowtaskresults", "create"), ("argoproj.io", "workflows", "patch")]:
+        assert _covered(needed, ours), needed
+    for verb in ("create", "get", "watch", "delete"):
+        assert _covered(("trainer.kubeflow.org", "trainjobs", verb), ours)
+    assert not _covered(("trainer.kubeflow.org", "clustertrainingruntimes", "create"), ours)
+    assert all(d["kind"] != "ClusterRole" for d in _docs(MANIFESTS / "base" / "rbac.yaml"))
 
 
 def test_manifests_match_pipeline_names():
     """The PVC / Secret / ServiceAccount names the DAG and schedule script use exist in the manifests."""
-    text = "".join(p.read_text() for p in (REPO / "manifests" / "base").glob("*.yaml"))
+    text = "".join(p.read_text() for p in (REPO / "manifests").rglob("*.yaml"))
     compiled = (REPO / "pipelines" / "alignment.yaml").read_text()
     for name in ("rewardtune-checkpoints", "rewardtune-model-cache", "rewardtune-s3"):
         assert f"name: {name}" in text and name in compiled

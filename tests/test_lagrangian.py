@@ -2,7 +2,7 @@
 
 import torch
 
-from rewardtune.lagrangian import DualState, combine_advantages
+from rewardtune.lagrangian import DualState, combine_advantages, dual_scale
 
 
 def test_multiplier_rises_under_violation_stays_nonnegative_and_falls_when_satisfied():
@@ -32,3 +32,18 @@ def test_state_round_trip():
     dual.update([1.0, 0.0], [0.0, 1.0], lr=0.1)
     again = DualState(**dual.state_dict())
     assert again.multipliers == dual.multipliers and again.previous_error == dual.previous_error
+
+
+def test_scale_free_step_divides_the_violation_by_the_base_std():
+    # violation 0.5 on a reward whose base std is 0.25: e = 2 standard deviations, λ = 0.1 * 2 = 0.2
+    dual = DualState(integral=[0.0], scales=[0.25])
+    assert abs(dual.update([1.0], [0.5], lr=0.1)[0] - 0.2) < 1e-12
+    # the same violation in units 100x larger, with a 100x larger std, moves λ by exactly as much
+    scaled = DualState(integral=[0.0], scales=[25.0])
+    assert abs(scaled.update([100.0], [50.0], lr=0.1)[0] - 0.2) < 1e-12
+    assert DualState(**scaled.state_dict()).scales == [25.0]
+
+
+def test_dual_scale_floors_a_constant_reward():
+    assert dual_scale(0.3, 1e-3) == 0.3
+    assert dual_scale(0.0, 1e-3) == 1e-3

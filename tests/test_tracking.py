@@ -117,9 +117,9 @@ def tracked_run(tiny_model_dir, tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("tracked")
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "rt-test", "WANDB_MODE": "offline",
            "WANDB_SILENT": "true", "WANDB_DIR": str(root / "wandb")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-scoped monkeypatch is not available
+        for key, value in env.items():
+            patch.setenv(key, value)
         cfg = tiny_eval_config(tiny_model_dir, epochs=EPOCHS,
                                logging={"trackers": ["tensorboard", "mlflow", "wandb"], "sample_grid_images": 4})
         Trainer(cfg, root / "run").run()
@@ -127,12 +127,6 @@ def tracked_run(tiny_model_dir, tmp_path_factory, mlflow_server):
         prompts.mkdir()
         (prompts / "heldout.txt").write_text("zebra\nkoala\nllama\nwalrus\n")
         evaluate_run(cfg, root / "run", prompts, root / "eval")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     return root, records
 

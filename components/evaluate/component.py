@@ -7,10 +7,16 @@ from components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
-def evaluate(config: str, checkpoints: Input[Model], prompts: Input[Dataset], checkpoint: str, results: Output[Dataset]):
-    """Writes the evaluation of `checkpoint` (a name under checkpoints/) into the `results` artifact."""
+def evaluate(config: str, checkpoints: Input[Model], prompts: Input[Dataset], checkpoint: str, results: Output[Dataset],
+             model_cache_uri: str = ""):
+    """Writes the evaluation of `checkpoint` (a name under checkpoints/) into the `results` artifact; models come
+    from `model_cache_uri` (RT_MODEL_CACHE) when given."""
+    import os
+
     from rewardtune.evaluate import evaluate_run
     from rewardtune.stages import resolve_config
 
+    if model_cache_uri:
+        os.environ["RT_MODEL_CACHE"] = model_cache_uri
     evaluate_run(resolve_config(config), checkpoints.path, prompts.path, results.path, checkpoint=checkpoint)
     results.metadata["checkpoint"] = checkpoint

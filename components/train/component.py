@@ -19,9 +19,17 @@ def train(
     num_gpus: int = 1,
     workdir: str = "",
     run_id: str = "",
+    model_cache_uri: str = "",
 ) -> list[str]:
-    """Trains in `workdir/run_id` (a PVC) when given, else in the artifact; returns checkpoint names for the fan-out."""
+    """Trains in `workdir/run_id` (a PVC) when given, else in the artifact; returns checkpoint names for the fan-out.
+
+    `model_cache_uri` (what cache-models filled) becomes RT_MODEL_CACHE, so models are read from the cache only."""
+    import os
+
     from rewardtune.stages import param_overrides, train_for_pipeline
+
+    if model_cache_uri:
+        os.environ["RT_MODEL_CACHE"] = model_cache_uri
 
     result = train_for_pipeline(
         config, prompts.path, checkpoints.path, workdir=workdir, run_id=run_id, num_gpus=num_gpus,

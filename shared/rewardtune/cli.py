@@ -161,6 +161,14 @@ def _cmd_testbed_compare(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'comparison.html'}")
 
 
+def _cmd_testbed_benchmark(args: argparse.Namespace) -> None:
+    from rewardtune.testbed.benchmark import benchmark
+
+    if args.jobs < 1:
+        raise RewardtuneError(f"--jobs {args.jobs}: give at least 1 parallel run")
+    benchmark(args.protocol, args.out, jobs=args.jobs, use_smoke=args.smoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -268,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--checkpoint-every", type=int, default=2, help="epochs between evaluated checkpoints")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.epochs=4")
     cmp.set_defaults(func=_cmd_testbed_compare)
+    bench = tb.add_parser("benchmark", help="the pre-registered overoptimization benchmark (resumable)",
+                          description="Runs every arm x seed and the validity-gate controls of --protocol, continues "
+                          "a killed benchmark in the same --out, and writes results.{json,md,html}.")
+    bench.add_argument("--protocol", default="benchmarks/overopt/protocol.yaml")
+    bench.add_argument("--out", required=True, help="runs/, evals/, gates/, results.{json,md,html}")
+    bench.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (CPU threads are split between them)")
+    bench.add_argument("--smoke", action="store_true", help="2 seeds, 4 epochs, a few prompts: a machinery check, no verdict")
+    bench.set_defaults(func=_cmd_testbed_benchmark)
     return parser
 
 

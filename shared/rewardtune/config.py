@@ -116,6 +116,9 @@ class SamplingConfig(_Strict):
     guidance_scale: float = Field(5.0, ge=1.0)
     batch_size: int = Field(8, ge=1, description="Trajectories sampled per device per batch.")
     batches_per_epoch: int = Field(4, ge=1)
+    images_per_prompt: int = Field(
+        1, ge=1, description="Images per drawn prompt in a sampling batch (groups for per-prompt statistics)."
+    )
     resolution: int = Field(512, ge=8)
     negative_prompt: str = ""
     flow: FlowSamplingConfig | None = Field(
@@ -124,6 +127,14 @@ class SamplingConfig(_Strict):
     reward_workers: int = Field(
         1, ge=0, le=1, description="1: score each batch in a reward thread while the next one samples; 0: inline."
     )
+
+    @model_validator(mode="after")
+    def _groups_fill_batches(self) -> SamplingConfig:
+        if self.batch_size % self.images_per_prompt:
+            raise ValueError(
+                f"images_per_prompt={self.images_per_prompt} must divide sampling.batch_size={self.batch_size}"
+            )
+        return self
 
 
 # The flow family's sampling (`sampling.flow`) and GRPO's groups (`algorithm.group`), docs/families.md.
@@ -334,6 +345,10 @@ class LagrangeConfig(_Strict):
     learning_rate: float = Field(0.05, gt=0, description="eta_lambda of the projected dual ascent.")
     pid_kp: float = Field(0.0, ge=0)
     pid_kd: float = Field(0.0, ge=0)
+    normalize: Literal["none", "base_std"] = Field(
+        "none", description="base_std: divide each violation by the base model's epoch-0 std of that reward (scale-free η)."
+    )
+    scale_floor: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Smallest divisor under normalize: base_std.")
 
 
 class AlgorithmConfig(_Strict):

@@ -106,6 +106,21 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+def sample_step(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw x_prev ~ N(mean, std^2) (or take the stored one) and its log-prob: the Gaussian policy step that
+    every model family shares, so sampling and training read the density the same way."""
+    if prev_sample is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.detach().float()
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -122,11 +137,7 @@ def ddim_step_with_logprob(
     `model_output`. `prev_sample` is returned in float32.
     """
     mean, std = ddim_posterior(scheduler, model_output, timestep, sample, eta, check_std)
-    if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.detach().float()
-    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+    return sample_step(mean, std, prev_sample, generator)
 
 
 @torch.no_grad()

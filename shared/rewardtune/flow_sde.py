@@ -20,9 +20,8 @@ import math
 from typing import Literal
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from rewardtune.diffusion import _per_sample, gaussian_log_prob
+from rewardtune.diffusion import _per_sample, sample_step
 
 SdeType = Literal["sde", "cps"]
 
@@ -84,11 +83,7 @@ def flow_step_with_logprob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One stochastic flow step: (x_{sigma'}, log pi(x_{sigma'} | x_sigma)); differentiable w.r.t. `velocity`."""
     mean, std = flow_posterior(velocity, sample, sigma, sigma_next, noise_level, sde_type)
-    if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.detach().float()
-    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+    return sample_step(mean, std, prev_sample, generator)
 
 
 def euler_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float) -> torch.Tensor:

@@ -176,20 +176,25 @@ def load_policy_weights(unet: torch.nn.Module, cfg: ModelConfig, directory: Path
                               f"{first}); use another checkpoint or the config it was trained with") from None
 
 
+def set_lora_state(model: torch.nn.Module, peft_state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Load adapter weights (peft key names) whose shapes match exactly: a checkpoint of another model or
+    rank is refused in one line rather than half-loaded."""
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    if {k: v.shape for k, v in peft_state.items()} != expected:
+        raise CheckpointError(
+            f"checkpoint {directory} holds LoRA weights of another shape (different model or lora_rank); "
+            "resume with the config it was trained with, or start a new output directory"
+        )
+    result = set_peft_model_state_dict(model, peft_state)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(f"checkpoint {directory} has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+
+
 def _load_policy_weights(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
     if cfg.finetune == "lora":
         state = load_file(directory / LORA_FILE)
         state = {k.removeprefix("unet."): v for k, v in state.items()}
-        peft_state = convert_unet_state_dict_to_peft(state)
-        expected = {k: v.shape for k, v in get_peft_model_state_dict(unet).items()}
-        if {k: v.shape for k, v in peft_state.items()} != expected:
-            raise CheckpointError(
-                f"checkpoint {directory} holds LoRA weights of another shape (different model or lora_rank); "
-                "resume with the config it was trained with, or start a new output directory"
-            )
-        result = set_peft_model_state_dict(unet, peft_state)
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"checkpoint {directory} has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+        set_lora_state(unet, convert_unet_state_dict_to_peft(state), directory)
     else:
         from diffusers import UNet2DConditionModel
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from rewardtune.errors import CheckpointError, RewardtuneError
-from rewardtune.models import LORA_FILE
+from rewardtune.errors import RewardtuneError
+from rewardtune.models import LORA_FILE, set_lora_state
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> list[torch.nn.Parameter]:
@@ -30,12 +29,4 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: li
 def load_lora_state(model: torch.nn.Module, directory: Path, prefix: str) -> None:
     """Load `pytorch_lora_weights.safetensors` (keys `<prefix>.<module>.lora_A.weight`) into the adapters."""
     state = {k.removeprefix(f"{prefix}."): v for k, v in load_file(Path(directory) / LORA_FILE).items()}
-    expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
-    if {k: v.shape for k, v in state.items()} != expected:
-        raise CheckpointError(
-            f"checkpoint {directory} holds LoRA weights of another shape (different model or lora_rank); "
-            "resume with the config it was trained with, or start a new output directory"
-        )
-    result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise CheckpointError(f"checkpoint {directory} has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+    set_lora_state(model, state, directory)

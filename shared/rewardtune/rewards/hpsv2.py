@@ -64,7 +64,8 @@ def _register_arch(directory: Path, options: dict[str, Any]) -> str:
 
 
 def find_checkpoint(directory: Path, options: dict[str, Any]) -> Path:
-    """The file `options` choose (never another one), else v2.1, else the directory's only kind of *.pt."""
+    """The file `options` choose (never another one, never outside `directory`), else v2.1, else the directory's
+    only kind of *.pt."""
     name = chosen_checkpoint(options)
     candidates = [contained(directory, name, "reward option checkpoint")] if name else [directory / DEFAULT_CHECKPOINT, *sorted(directory.glob("*.pt"))]
     for path in candidates:

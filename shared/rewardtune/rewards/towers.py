@@ -168,10 +168,10 @@ def load_clip_image_tower(source: str, device: torch.device | str, dtype: torch.
     bundling one under `clip/` (aesthetic, ImageReward), or an HPSv2 open_clip checkpoint directory
     (`checkpoint` names the file, e.g. HPS_v2_compressed.pt). `preprocessing`: one of PREPROCESSING.
     """
-    if preprocessing not in PREPROCESSING:
-        raise ValueError(f"unknown tower preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSING)}")
     from rewardtune.errors import RewardtuneError
 
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown tower preprocessing {preprocessing!r}; use one of {', '.join(PREPROCESSING)}")
     try:
         tower = _load_tower(source, torch.device(device), dtype, checkpoint)
     except RewardtuneError:

@@ -14,6 +14,7 @@ PickScore/HPSv2).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -223,3 +224,34 @@ def build_proxy(pipe: Any, out: str | Path, *, seed: int = 0, num_samples: int =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+class ShuffledProxy(Proxy):
+    """The proxy's scores of a batch, permuted across its images: the same reward distribution with no link
+    to what an image shows. DDPO trained on it measures generic drift (the shuffled-proxy control of the
+    overoptimization benchmark), separating it from proxy hacking. The permutation is seeded by the scores
+    themselves, so the same batch always gets the same permutation (reproducible and resumable)."""
+
+    name = "testbed_proxy_shuffled"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        scores = super().__call__(images, prompts)
+        digest = int.from_bytes(hashlib.sha256(np.round(scores.double().cpu().numpy(), 6).tobytes()).digest()[:8], "little")
+        order = np.random.default_rng(digest).permutation(len(scores))
+        return scores[torch.as_tensor(order, device=scores.device)]
+
+
+@register_sources("testbed_proxy_shuffled")
+def _shuffled_sources(spec) -> list[ModelRef]:
+    return [ModelRef(spec.source or default_source())]
+
+
+@register("testbed_proxy_shuffled")
+def _build_shuffled(spec, device: torch.device) -> ShuffledProxy:
+    return ShuffledProxy(load_proxy(spec.source or default_source(), device))
+
+
+@register_tower("testbed_proxy_shuffled")
+def _shuffled_tower(spec) -> str:
+    return spec.source or default_source()

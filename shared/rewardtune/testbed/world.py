@@ -114,11 +114,15 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = RESO
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
-def render(spec: Spec, seed: int, jitter: bool = True) -> np.ndarray:
-    """The image [3, 32, 32] float32 in [0,1] of `spec`; the same (spec, seed) always gives the same image."""
+def render(spec: Spec, seed: int, jitter: bool = True, radius_scale: float = 1.0,
+           shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """The image [3, 32, 32] float32 in [0,1] of `spec`; the same (spec, seed) always gives the same image.
+
+    `radius_scale` and `shift` (pixels) push size and position off the world's values (the proxy probes)."""
     rng = np.random.default_rng([seed, *map(ord, spec.prompt)])
     cx, cy = POSITIONS[spec.position]
-    radius = SIZES[spec.size]
+    cx, cy = cx + shift[0], cy + shift[1]
+    radius = SIZES[spec.size] * radius_scale
     fg, bg = np.array(COLORS[spec.color]), np.array(BACKGROUNDS[spec.background])
     if jitter:
         cx, cy = cx + rng.uniform(-1.5, 1.5), cy + rng.uniform(-1.5, 1.5)

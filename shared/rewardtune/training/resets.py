@@ -11,6 +11,7 @@ import torch
 from rewardtune import digests
 from rewardtune.errors import CheckpointError, RewardtuneError
 from rewardtune.faults import fault_point
+from rewardtune.lagrangian import dual_scale
 from rewardtune.neuron_reset import (
     dormant_mask,
     dormant_overlap,
@@ -117,13 +118,19 @@ class ResetsAndDuals:
     # ------------------------------------------------------------------ constraints (CDPO)
     def update_multipliers(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
         """Projected dual ascent on c_k - Ĵ_k once per epoch; relative thresholds come from epoch 0's base policy."""
-        means = self.accelerator.gather(samples.extras["all_rewards"]).mean(dim=0).tolist()[1:]
+        gathered = self.accelerator.gather(samples.extras["all_rewards"])
+        means = gathered.mean(dim=0).tolist()[1:]
         for k, spec in enumerate(self.constraints):
             if self.thresholds[k] is None:
                 if epoch != 0:
                     raise CheckpointError("relative CDPO thresholds are set at epoch 0; resume from a checkpoint that has them")
                 self.thresholds[k] = means[k] - spec.relative_margin
         lagrange = self.cfg.algorithm.lagrange
+        if lagrange.normalize == "base_std" and not self.dual.scales:
+            if epoch != 0:
+                raise CheckpointError("scale-free CDPO scales are set at epoch 0; resume from a checkpoint that has them")
+            stds = gathered.std(dim=0).tolist()[1:] if gathered.shape[0] > 1 else [0.0] * len(self.constraints)
+            self.dual.scales = [dual_scale(s, lagrange.scale_floor) for s in stds]
         self.dual.update(self.thresholds, means, lagrange.learning_rate, lagrange.pid_kp, lagrange.pid_kd)
         record = {}
         for k, spec in enumerate(self.constraints):

@@ -78,7 +78,9 @@ class Rollout:
             if grouped is not None:
                 prompts = grouped[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             else:
-                prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size)]
+                group = cfg.images_per_prompt  # several images per prompt: per-prompt statistics within the batch
+                drawn = prompt_rng.integers(len(self.prompts), size=cfg.batch_size // group)
+                prompts = [self.prompts[i] for i in drawn for _ in range(group)]
             if self.is_flow:
                 traj, extras = self._sample_flow(prompts, generator, embed_steps)
             else:

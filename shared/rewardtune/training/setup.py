@@ -29,6 +29,7 @@ from rewardtune.models import apply_performance, load_pipeline, prepare_policy, 
 from rewardtune.numerics import StepHealth
 from rewardtune.prompts import load_prompts
 from rewardtune.rewards import build_reward
+from rewardtune.shared_dir import require_shared_dir
 from rewardtune.tracking import TrainingTracker
 
 
@@ -88,6 +89,7 @@ class RunSetup:
         )
         self.tracker = TrainingTracker(self.accelerator, cfg, self.out_dir)
         self.device = self.accelerator.device
+        require_shared_dir(self.out_dir, self.accelerator)  # before any work: all processes fail together
         if cfg.training.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
