@@ -9,7 +9,8 @@
 # budget loses only itself): 1. ours vs TRL 0.23.1's DDPOTrainer side by side at the COMPASS setting
 # (SD-1.5-shaped random weights, 512 px, 50 DDIM steps, CFG 5, LoRA 4, 32 images/epoch, bf16);
 # 2. each performance switch alone against the all-off baseline (10 steps, 8 images: per-step gains);
-# 3. TDPO-R's paper-exact critic (decode + ViT-L/14 at all 50 steps) and input_stride 5 and 10 over DDPO.
+# 3. TDPO-R's paper-exact critic (decode + ViT-L/14 at all 50 steps) and input_stride 5 and 10 over DDPO;
+# 4. (if the budget is left) GRPO and TDPO-R on SD3.5-Medium-shaped random weights in Flow-GRPO's setting.
 # Peak memory is in every row. DIR/env.json has the GPU, driver, torch and CUDA versions.
 # Packages missing on the GPU image (diffusers, trl, pydantic...) are installed from ./.whl if present
 # (benchmarks/gpu_wheels.sh fills it on a machine with PyPI).
@@ -38,11 +39,15 @@ if [ "$mode" = gpu ]; then
   compare=(--compare-trl --images-per-epoch 32 --epochs 2 --warmup-batches 1)
   speedups=(--speedups --steps 10 --images-per-epoch 8 --epochs 2 --warmup-batches 1)
   critic=(--algorithm ddpo,tdpo_r --critic-input-strides 1,5,10 --images-per-epoch 8 --epochs 1)
+  flow_common=(--preset sd35m --device cuda --mixed-precision bf16 --model-dir "$models/sd35m" --tower-dir "$models/vit-l14")
+  flow=(--algorithm grpo,tdpo_r --images-per-epoch 8 --epochs 1 --warmup-batches 1)
 else
   common=(--preset tiny --device cpu --model-dir "$models/tiny" --tower-dir "$models/tiny-tower")
   compare=(--compare-trl --steps 2 --images-per-epoch 4 --grad-accum 1 --epochs 1)
   speedups=(--speedups --skip compile,fused4 --steps 2 --images-per-epoch 4 --grad-accum 1 --epochs 1)
   critic=(--algorithm ddpo,tdpo_r --critic-input-strides 1,2 --steps 2 --images-per-epoch 4 --grad-accum 1 --epochs 1)
+  flow_common=()
+  flow=()
 fi
 
 phase() {  # phase NAME SECONDS ARGS...: one rl_epoch.py run under a time limit, its JSON in $out/NAME.json
@@ -93,4 +98,8 @@ deadline=$(( SECONDS + budget ))
 phase compare_trl 330 "${compare[@]}"
 phase speedups 150 "${speedups[@]}"
 phase critic 150 "${critic[@]}"
+if [ "${#flow_common[@]}" -gt 0 ]; then  # the flow phase has its own preset (the sd15 arguments do not apply)
+  common=("${flow_common[@]}")
+  phase flow_sd35m 240 "${flow[@]}"
+fi
 [ "$dry" = 1 ] || echo "results in $out: $(cd "$out" && ls ./*.json | tr '\n' ' ')"

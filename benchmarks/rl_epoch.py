@@ -10,6 +10,11 @@ so a slow spell on a shared machine hits all of them alike: quote the medians an
     python benchmarks/rl_epoch.py --speedups                       # each performance switch alone vs the baseline
     python benchmarks/rl_epoch.py --preset sd15 --device cuda --mixed-precision bf16 --compare-trl
     python benchmarks/rl_epoch.py --algorithm ddpo,tdpo_r --critic-input-strides 1,5,10   # critic overheads
+    python benchmarks/rl_epoch.py --preset sd35m --device cuda --mixed-precision bf16 --algorithm grpo,tdpo_r
+
+`--preset sd35m` is SD3.5-Medium's shape with random weights (`tiny_flow.build_sd35m`, built on the device
+and saved in bfloat16, ~16 GB) in Flow-GRPO's setting: 512 px, 10 steps, CFG 4.5, LoRA r 32; the cost
+model covers the sd family only and TRL has no flow trainer, so both are left out there.
 
 `--compare-trl` needs the benchmark extra (`pip install -e '.[bench]'`: trl 0.23.1, pandas), never a
 runtime dependency. TRL's trainer gets the same pipeline directory, prompts, reward, steps, guidance,
@@ -31,7 +36,11 @@ import torch
 from rewardtune import cost_model
 from rewardtune.config import parse_config
 from rewardtune.tiny import PRESETS, init_tiny
+from rewardtune.tiny_flow import init_tiny_flow
 from rewardtune.trainer import EpochTimes, Trainer
+
+# SD3.5-Medium-shaped random weights in Flow-GRPO's pickscore_sd3 setting (configs/sd35m-pickscore-grpo.yaml)
+FLOW_PRESETS = {"sd35m": {"family": "sd3", "resolution": 512, "guidance_scale": 4.5, "lora_rank": 32, "lora_alpha": 64}}
 
 # The speed switches timed alone by --speedups, each on top of BASELINE (all of them off).
 BASELINE = ["performance.cache_prompt_embeds=false", "performance.sync_free_steps=false"]
@@ -49,10 +58,16 @@ DTYPE = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def build_config(args: argparse.Namespace, model_dir: Path, algo: str = "ddpo", fused: int = 1, stride: int = 1) -> dict:
     batches = args.images_per_epoch // args.sample_batch
+    flow = FLOW_PRESETS.get(args.preset)
+    model = {"source": str(model_dir), "finetune": "lora", "lora_rank": 4, "dtype": DTYPE[args.mixed_precision]}
+    sampling = {"num_steps": args.steps, "eta": 1.0, "guidance_scale": 5.0, "batch_size": args.sample_batch,
+                "batches_per_epoch": batches, "resolution": args.resolution or (flow or PRESETS[args.preset])["resolution"]}
+    if flow:
+        model |= {"family": flow["family"], "lora_rank": flow["lora_rank"], "lora_alpha": flow["lora_alpha"]}
+        sampling |= {"guidance_scale": flow["guidance_scale"], "flow": {"noise_level": 0.7}}
     return {
-        "model": {"source": str(model_dir), "finetune": "lora", "lora_rank": 4, "dtype": DTYPE[args.mixed_precision]},
-        "sampling": {"num_steps": args.steps, "eta": 1.0, "guidance_scale": 5.0, "batch_size": args.sample_batch,
-                     "batches_per_epoch": batches, "resolution": args.resolution or PRESETS[args.preset]["resolution"]},
+        "model": model,
+        "sampling": sampling,
         "reward": {"name": args.reward},
         "algorithm": algorithm_section(algo, stride, args.tower),
         "training": {"epochs": args.epochs + 1, "batch_size": args.train_batch,
@@ -69,6 +84,8 @@ def algorithm_section(name: str, stride: int, tower: str | None) -> dict:
     and CDPO constrains JPEG compressibility (a cheap auxiliary reward) to stay at its epoch-0 mean."""
     if name == "ddpo":
         return {"name": name}
+    if name == "grpo":  # one group per sampling batch
+        return {"name": name, "group": {"group_size": 4}}
     section: dict = {"name": name, "critic": {"input_stride": stride, "image_encoder": tower}}
     if name in ("tdpo_r", "cdpo"):
         section["reset"] = {"every": 1}
@@ -78,13 +95,13 @@ def algorithm_section(name: str, stride: int, tower: str | None) -> dict:
 
 
 def save_critic_tower(directory: Path, preset: str) -> str:
-    """A random-weight CLIP for the TDPO critic's image tower: ViT-L/14-shaped for sd15 (the paper's), tiny otherwise."""
+    """A random-weight CLIP for the TDPO critic's image tower: ViT-L/14-shaped for sd15/sd35m (the paper's), tiny otherwise."""
     from transformers import CLIPConfig, CLIPModel
 
     from rewardtune.rewards.tiny import save_tiny_clip
     from rewardtune.tiny import build_tokenizer
 
-    if preset != "sd15":
+    if preset not in ("sd15", "sd35m"):
         save_tiny_clip(directory, seed=0)
         return str(directory)
     tokenizer = build_tokenizer()
@@ -304,7 +321,10 @@ def run(args: argparse.Namespace) -> dict:
         tmp = Path(tmp_name)
         model_dir = args.model_dir or tmp / args.preset
         if not (model_dir / "model_index.json").is_file():  # a --model-dir is built once, then reused
-            init_tiny(model_dir, preset=args.preset)
+            if args.preset in FLOW_PRESETS:
+                init_tiny_flow(model_dir, FLOW_PRESETS[args.preset]["family"], preset=args.preset, device=args.device)
+            else:
+                init_tiny(model_dir, preset=args.preset)
         args.tower = None
         if args.algorithm.split(",") != ["ddpo"]:
             tower = args.tower_dir or tmp / "critic-tower"
@@ -329,7 +349,7 @@ def run(args: argparse.Namespace) -> dict:
             if contender.name in peaks:
                 summary["peak_memory_gb"] = round(peaks[contender.name], 2)
             reference = next((c for c in contenders if isinstance(c, Ours)), None)
-            if reference is not None:
+            if reference is not None and args.preset not in FLOW_PRESETS:
                 costs = epoch_cost_of(reference.trainer if isinstance(contender, TRL) else contender.trainer, args)
                 total = sum(c.flops for c in costs.values())
                 summary["model_tflop_per_epoch"] = round(total / 1e12, 4)
@@ -372,7 +392,7 @@ def summarize(name: str, rows: list[dict]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="tiny", choices=sorted([*PRESETS, *FLOW_PRESETS]))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--algorithm", default="ddpo",
                         help="comma-separated among ddpo, tdpo, tdpo_r, cdpo; ratios are against the first row")
@@ -401,13 +421,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     big = args.preset == "sd15"
-    args.steps = args.steps or (50 if big else 8)
-    args.images_per_epoch = args.images_per_epoch or (32 if big else 16)
-    args.sample_batch = args.sample_batch or (8 if big else 4)
+    flow = args.preset in FLOW_PRESETS
+    args.steps = args.steps or (50 if big else 10 if flow else 8)
+    args.images_per_epoch = args.images_per_epoch or (32 if big or flow else 16)
+    args.sample_batch = args.sample_batch or (8 if big or flow else 4)
+    if flow and args.compare_trl:
+        parser.error("--compare-trl: TRL's DDPOTrainer runs SD 1.x/2.x pipelines only; drop it for --preset sd35m")
     args.skip = {s for s in args.skip.split(",") if s}
-    unknown = set(args.algorithm.split(",")) - {"ddpo", "tdpo", "tdpo_r", "cdpo"}
+    unknown = set(args.algorithm.split(",")) - {"ddpo", "grpo", "tdpo", "tdpo_r", "cdpo"}
     if unknown:
-        parser.error(f"--algorithm: unknown {sorted(unknown)}; choose among ddpo, tdpo, tdpo_r, cdpo")
+        parser.error(f"--algorithm: unknown {sorted(unknown)}; choose among ddpo, grpo, tdpo, tdpo_r, cdpo")
     if args.skip - set(SPEEDUPS):
         parser.error(f"--skip: unknown {sorted(args.skip - set(SPEEDUPS))}; choose among {', '.join(SPEEDUPS)}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -199,3 +199,24 @@ def test_rollout_step_reads_stored_inputs_and_refuses_mixed_batches():
     assert rollout.step(2).stochastic is False
     with pytest.raises(ValueError, match="mixes SDE and ODE"):
         rollout.step(torch.tensor([2, 0]))
+
+
+def test_sd35m_shapes_match_the_published_weights():
+    """The random-weight timing preset has SD3.5-Medium's sizes. Published bf16/fp16 weight files of
+    stabilityai/stable-diffusion-3.5-medium: transformer 4.94 GB (incl. the 384x384 positional-embedding
+    buffer), CLIP-L 247 MB, CLIP-G 1.39 GB, T5-XXL encoder 9.52 GB, i.e. 2 bytes per element."""
+    from rewardtune.tiny_flow import build_sd35m
+
+    with torch.device("meta"):
+        pipe = build_sd35m()
+
+    def stored_gb(module: torch.nn.Module) -> float:  # tied weights once, persistent buffers included
+        params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+        buffers = sum(t.numel() for name, t in module.state_dict().items() if name not in params)
+        return (sum(p.numel() for p in module.parameters()) + buffers) * 2 / 1e9
+
+    size_gb = {name: stored_gb(getattr(pipe, name)) for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")}
+    published = {"transformer": 4.94, "text_encoder": 0.247, "text_encoder_2": 1.39, "text_encoder_3": 9.52}
+    for name, gb in published.items():
+        assert size_gb[name] == pytest.approx(gb, rel=0.01), name
+    assert pipe.transformer.config.dual_attention_layers == tuple(range(13))

@@ -100,6 +100,53 @@ def build_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     )
 
 
+# SD3.5-Medium's architecture (stabilityai/stable-diffusion-3.5-medium: MMDiT-X, 24 blocks, dual attention in
+# blocks 0-12, QK RMS-norm; CLIP-L, CLIP-G and T5-XXL encoders; SD3's 16-channel VAE), random weights: for
+# timing on a GPU (`benchmarks/rl_epoch.py --preset sd35m`), never for images.
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+)
+SD35M_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SD35M_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                    projection_dim=768, hidden_act="quick_gelu")
+SD35M_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    projection_dim=1280, hidden_act="gelu")
+SD35M_T5 = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu", dropout_rate=0.0)
+
+
+def build_sd35m(seed: int = 0) -> StableDiffusion3Pipeline:
+    """An SD3.5-Medium-shaped pipeline with random weights (2.24B transformer, 4.76B T5): build it under
+    `torch.device("cuda")` to time it, or `torch.device("meta")` to check its shapes."""
+    torch.manual_seed(seed)
+    clip_tok, t5_tok = build_tokenizer(), build_t5_tokenizer(max_length=512)
+
+    def clip(shape: dict) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id, **shape))
+
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(**SD35M_VAE),
+        text_encoder=clip(SD35M_CLIP_L),
+        tokenizer=clip_tok,
+        text_encoder_2=clip(SD35M_CLIP_G),
+        tokenizer_2=build_tokenizer(),
+        text_encoder_3=T5EncoderModel(T5Config(pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
+                                               decoder_start_token_id=t5_tok.pad_token_id, **SD35M_T5)),
+        tokenizer_3=t5_tok,
+    )
+
+
 def build_flux(seed: int = 0) -> FluxPipeline:
     """FLUX.1-shaped: packed 2x2 latents, rotary axes summing to the head dim, distilled guidance input."""
     torch.manual_seed(seed)
@@ -132,10 +179,21 @@ def build_flow_pipeline(family: str, seed: int = 0):
     return build_sd3(seed) if family == "sd3" else build_flux(seed)
 
 
-def init_tiny_flow(out: str | Path, family: str, seed: int = 0) -> Path:
-    """Build and save a flow pipeline directory; written to a temporary directory and renamed into place."""
+def init_tiny_flow(out: str | Path, family: str, seed: int = 0, preset: str = "tiny", device: str = "cpu") -> Path:
+    """Build and save a flow pipeline directory; written to a temporary directory and renamed into place.
+
+    `preset` sd35m (family sd3 only) builds SD3.5-Medium's shapes on `device` and saves them in bfloat16.
+    """
     out = Path(out)
-    pipe = build_flow_pipeline(family, seed)
+    if preset == "sd35m":
+        if family != "sd3":
+            raise ValueError(f"preset sd35m is an SD3.5 model: family must be sd3, not {family!r}")
+        with torch.device(device):
+            pipe = build_sd35m(seed).to(dtype=torch.bfloat16)
+    elif preset == "tiny":
+        pipe = build_flow_pipeline(family, seed)
+    else:
+        raise ValueError(f"unknown flow preset {preset!r}; choose tiny or sd35m")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
