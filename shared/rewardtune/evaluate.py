@@ -273,6 +273,18 @@ def hardware_info(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the evaluator
+def _ode_flow_family(cfg: RunConfig, device: torch.device):
+    """A flow model (sd3, flux) sampled by the deterministic Euler ODE, as Flow-GRPO evaluates: from fixed
+    initial noise the images depend on the policy only (no SDE noise to pair across checkpoints)."""
+    from rewardtune.families.flow import FlowFamily, load_flow_pipeline, prepare_flow_policy
+    from rewardtune.models import resolve_model_dir
+
+    pipe = load_flow_pipeline(resolve_model_dir(cfg.model.source, cfg.model.revision, cfg.model.family), cfg.model.family)
+    prepare_flow_policy(pipe, cfg.model, device, gradient_checkpointing=False)
+    flow = cfg.sampling.flow
+    return FlowFamily(pipe, noise_level=0.0, max_sequence_length=flow.max_sequence_length if flow else 256)
+
+
 class Evaluator:
     """Holds one pipeline, the rewards and the embedder; `evaluate(name)` switches weights and scores."""
 
@@ -283,16 +295,27 @@ class Evaluator:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.device)
-        self.pipe = load_pipeline(cfg.model)
-        prepare_policy(self.pipe, cfg.model, self.device, gradient_checkpointing=False)
-        self.pipe.unet.eval()
+        self.family = None
+        if cfg.model.family == "sd":
+            self.pipe = load_pipeline(cfg.model)
+            prepare_policy(self.pipe, cfg.model, self.device, gradient_checkpointing=False)
+        else:
+            self.family = _ode_flow_family(cfg, self.device)
+            self.pipe = self.family.pipe
+        self.policy.eval()
         self.loaded: str | None = BASE
         self.rewards = build_rewards(cfg, self.device)
         self.embedder = embedder or load_embedder(cfg.evaluation.image_tower, self.device)
         self.prompts, self.prompt_info = select_prompts(cfg, prompts_dir)
         self.items = eval_items(self.prompts, cfg.evaluation.images_per_prompt, cfg.evaluation.seed)
-        self.negative = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sampling.negative_prompt])
+        if self.family is None:  # a flow family encodes the negative prompt with each batch
+            self.negative = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [cfg.sampling.negative_prompt])
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.training.mixed_precision)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The trained denoiser: the UNet (sd) or the transformer (sd3, flux)."""
+        return self.pipe.unet if self.family is None else self.pipe.transformer
 
     def settings(self) -> dict[str, Any]:
         """Everything that makes two evaluations comparable; stored once per output directory."""
@@ -302,6 +325,7 @@ class Evaluator:
             "sampling": {"num_steps": s.num_steps, "eta": s.eta, "guidance_scale": s.guidance_scale,
                          "resolution": s.resolution, "negative_prompt": s.negative_prompt},
             "model_source": self.cfg.model.source,
+            **({"model_family": self.cfg.model.family, "sampler": "ode"} if self.family is not None else {}),
             "rewards": {name: role for name, (role, _) in self.rewards.items()},
             "embedding": self.embedder.name,
             "prompts": self.prompts,
@@ -309,28 +333,34 @@ class Evaluator:
         }
 
     def load(self, name: str) -> None:
-        """Put checkpoint `name`'s policy weights into the UNet (base: adapters off; full fine-tuning: base first)."""
+        """Put checkpoint `name`'s policy weights into the denoiser (base: adapters off; full fine-tuning: base first)."""
         from rewardtune.models import load_policy_weights
 
         if name == self.loaded:
             return
-        unet, lora = self.pipe.unet, self.cfg.model.finetune == "lora"
+        model, lora = self.policy, self.cfg.model.finetune == "lora"
         if name == BASE:
             if not lora:
-                raise RewardtuneError("internal: a fully fine-tuned UNet cannot return to base; evaluate base first")
-            unet.disable_adapters()
+                raise RewardtuneError("internal: a fully fine-tuned model cannot return to base; evaluate base first")
+            model.disable_adapters()
         else:
             path = self.run_dir / "checkpoints" / name
             check_trained_with(path, verify_checkpoint(path), self.cfg)
             if lora:
-                unet.enable_adapters()
-            load_policy_weights(unet, self.cfg.model, path)
+                model.enable_adapters()
+            if self.family is None:
+                load_policy_weights(model, self.cfg.model, path)
+            elif lora:
+                self.family.load_lora(path)
+            else:
+                model.load_state_dict(type(model).from_pretrained(path / "transformer").state_dict())
         self.loaded = name
 
     @torch.no_grad()
     def generate(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
         """Images [N,3,H,W] (CPU), scores per reward [N], embeddings [N,d] and timings, for `self.items`."""
         from rewardtune.diffusion import encode_prompts, sample_trajectories
+        from rewardtune.families.rollout import sample_rollout
         from rewardtune.rewards import check_finite
 
         s, bs = self.cfg.sampling, self.cfg.evaluation.batch_size
@@ -341,14 +371,21 @@ class Evaluator:
             batch = self.items[start : start + bs]
             prompts = [item.prompt for item in batch]
             t0 = time.perf_counter()
-            prompt_embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
-            traj = sample_trajectories(
-                self.pipe.unet, self.pipe.vae, self.pipe.scheduler, prompt_embeds,
-                self.negative.expand(len(batch), -1, -1), num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                eta=s.eta, resolution=s.resolution,
-                generator=[torch.Generator().manual_seed(item.seed) for item in batch],  # type: ignore[arg-type]
-                autocast_dtype=self.autocast_dtype,
-            )
+            generators = [torch.Generator().manual_seed(item.seed) for item in batch]
+            if self.family is None:
+                prompt_embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
+                traj = sample_trajectories(
+                    self.pipe.unet, self.pipe.vae, self.pipe.scheduler, prompt_embeds,
+                    self.negative.expand(len(batch), -1, -1), num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                    eta=s.eta, resolution=s.resolution, generator=generators,  # type: ignore[arg-type]
+                    autocast_dtype=self.autocast_dtype,
+                )
+            else:
+                traj = sample_rollout(
+                    self.family, self.family.encode(prompts, s.negative_prompt), num_steps=s.num_steps,
+                    guidance_scale=s.guidance_scale, resolution=s.resolution, generator=generators,  # type: ignore[arg-type]
+                    autocast_dtype=self.autocast_dtype,
+                )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()

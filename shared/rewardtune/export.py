@@ -152,11 +152,24 @@ def model_card(cfg: Any, chosen: str, reason: str, records: list[dict[str, Any]]
 
 # ------------------------------------------------------------------------------------------- the pipeline
 def _load_policy(cfg: Any, checkpoint: Path | None):
-    """The base pipeline with the checkpoint's policy weights in its UNet (LoRA as a peft adapter); None: base."""
+    """The base pipeline with the checkpoint's policy weights in its denoiser (LoRA as a peft adapter); None: base."""
     import torch
 
-    from rewardtune.models import load_pipeline, load_policy_weights, prepare_policy
+    from rewardtune.models import load_pipeline, load_policy_weights, prepare_policy, resolve_model_dir
 
+    if cfg.model.family != "sd":
+        from rewardtune.families.flow import FlowFamily, load_flow_pipeline, prepare_flow_policy
+
+        pipe = load_flow_pipeline(resolve_model_dir(cfg.model.source, cfg.model.revision, cfg.model.family), cfg.model.family)
+        if checkpoint is None:
+            return pipe
+        prepare_flow_policy(pipe, cfg.model, torch.device("cpu"), gradient_checkpointing=False)
+        if cfg.model.finetune == "lora":
+            FlowFamily(pipe).load_lora(checkpoint)
+        else:
+            pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(checkpoint / "transformer").state_dict())
+        pipe.transformer.requires_grad_(False).eval()
+        return pipe
     pipe = load_pipeline(cfg.model)
     if checkpoint is None:
         return pipe
@@ -171,12 +184,13 @@ def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) ->
     import torch
 
     pipe = _load_policy(cfg, checkpoint)
+    denoiser = pipe.unet if cfg.model.family == "sd" else pipe.transformer
     if checkpoint is not None and cfg.model.finetune == "lora":
         if merge:
-            pipe.unet.fuse_lora(lora_scale=1.0)  # W += scale * B A with peft's alpha / r, as in training
-            pipe.unet.unload_lora()
+            denoiser.fuse_lora(lora_scale=1.0)  # W += scale * B A with peft's alpha / r, as in training
+            denoiser.unload_lora()
         else:
-            pipe.unet.unload_lora()  # the adapter goes to lora/ unchanged; the UNet stays the base one
+            denoiser.unload_lora()  # the adapter goes to lora/ unchanged; the denoiser stays the base one
             (out / LORA_DIR).mkdir(parents=True)
             shutil.copy2(checkpoint / "pytorch_lora_weights.safetensors", out / LORA_DIR)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.model.dtype, torch.float32)
