@@ -63,11 +63,14 @@ def test_speed_switch_keeps_log_probs_losses_and_gradients(switch, bit_identical
         assert all(torch.equal(result[k], baseline[k]) for k in baseline), switch
 
 
-@pytest.mark.slow
-def test_compiled_unet_keeps_the_math(baseline, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # dynamo's graph capture and AOTAutograd's joint graph, eager kernels: in make test
+    pytest.param("inductor", marks=pytest.mark.slow),  # + generated kernels: 23 min on 2 loaded cores (RESULTS.md)
+])
+def test_compiled_unet_keeps_the_math(backend, baseline, tiny_model_dir, tmp_path):
     """One compiled UNet samples and trains: on-policy ratio exactly 1 (checked in _one_step), the rest to rounding."""
-    _assert_same_math(_one_step(_trainer(tiny_model_dir, tmp_path, [*BASELINE, "performance.compile=true"])),
-                      baseline, "compile")
+    overrides = [*BASELINE, "performance.compile=true", f"performance.compile_backend={backend}"]
+    _assert_same_math(_one_step(_trainer(tiny_model_dir, tmp_path, overrides)), baseline, f"compile ({backend})")
 
 
 def test_sync_free_sampling_still_refuses_a_zero_std_schedule():

@@ -417,6 +417,9 @@ class PerformanceConfig(_Strict):
         "default", description="Attention processor: diffusers' choice, AttnProcessor2_0 (SDPA) or the eager matmuls."
     )
     compile: bool = Field(False, description="torch.compile the UNet forward (the same compiled module samples and trains).")
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="torch.compile backend: inductor (generated kernels) or aot_eager (graph capture only)."
+    )
     cache_prompt_embeds: bool = Field(True, description="Encode each distinct prompt once per epoch.")
     sync_free_steps: bool = Field(True, description="No host sync inside the sampling and training step loops.")
 

@@ -244,7 +244,10 @@ def sample_trajectories(
     model_dtype = next(unet.parameters()).dtype
     if sync_free:
         check_schedule(scheduler, eta, device, shape)
-    all_latents, all_log_probs = [latents], []
+    # written in place step by step: no list of K tensors and no stacking copy of the trajectory at the end
+    all_latents = torch.empty((batch, len(scheduler.timesteps) + 1, *shape[1:]), device=device, dtype=latents.dtype)
+    all_latents[:, 0] = latents
+    all_log_probs: torch.Tensor | None = None
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for k, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress)):
         if before_step is not None:
@@ -256,13 +259,15 @@ def sample_trajectories(
         latents, log_prob = ddim_step_with_logprob(
             scheduler, noise_pred, t, latents, eta=eta, generator=generator, check_std=not sync_free
         )
-        all_latents.append(latents)
-        all_log_probs.append(log_prob)
+        if all_log_probs is None:
+            all_log_probs = torch.empty((batch, len(scheduler.timesteps)), device=device, dtype=log_prob.dtype)
+        all_latents[:, k + 1] = latents
+        all_log_probs[:, k] = log_prob
     images = decode_latents(vae, latents)
     return Trajectories(
-        latents=torch.stack(all_latents, dim=1),
+        latents=all_latents,
         timesteps=scheduler.timesteps.repeat(batch, 1),
-        log_probs=torch.stack(all_log_probs, dim=1),
+        log_probs=all_log_probs,
         prompt_embeds=prompt_embeds,
         negative_embeds=negative_embeds,
         images=images,

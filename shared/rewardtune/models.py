@@ -152,7 +152,7 @@ def apply_performance(pipe: StableDiffusionPipeline, perf: PerformanceConfig) ->
         pipe.unet.set_attn_processor(processor())
         pipe.vae.set_attn_processor(processor())
     if perf.compile:
-        pipe.unet.compile()
+        pipe.unet.compile(backend=perf.compile_backend)
 
 
 def save_policy(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
