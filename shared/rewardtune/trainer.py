@@ -21,15 +21,10 @@ from rewardtune.errors import Terminated
 from rewardtune.faults import fault_point
 from rewardtune.kl import KLController
 from rewardtune.temporal import explained_variance
+from rewardtune.training.checkpoints import Checkpoints, load_optimizer_state
 from rewardtune.training.duals import DualAscent
 from rewardtune.training.estimators import AdvantageEstimator
-from rewardtune.training.lifecycle import (
-    TERMINATED_FILE,
-    Checkpoints,
-    Termination,
-    guarded,
-    load_optimizer_state,
-)
+from rewardtune.training.lifecycle import TERMINATED_FILE, Termination, guarded
 from rewardtune.training.logprob import PolicyDensity, flat_view
 from rewardtune.training.optimize import PPOUpdate
 from rewardtune.training.resets import NeuronResets, record_digests
