@@ -54,7 +54,7 @@ def keep_order(trainer: Trainer) -> None:
                  ("latents", "next_latents", "timesteps", "log_probs", "advantages", "prompt_embeds", "negative_embeds")}
         return batch | {name: v for name, v in samples.extras.items() if v.ndim >= 2 and v.shape[1] == k}
 
-    trainer._shuffled = in_order
+    trainer.ppo.shuffled = in_order
 
 
 def samples_share(stored: dict, rank: int, world: int) -> EpochSamples:

@@ -5,22 +5,40 @@ group-normalized one, TDPO's temporal returns minus the old critic values, CDPO'
 from __future__ import annotations
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from rewardtune.advantages import PerPromptStatTracker, batch_normalized
+from rewardtune.config import RunConfig
 from rewardtune.group_advantages import group_advantages
-from rewardtune.kl import kl_penalty, sample_kl
+from rewardtune.kl import KLController, kl_penalty, sample_kl
 from rewardtune.lagrangian import combine_advantages
 from rewardtune.temporal import (
     discounted_returns,
     standardize,
     step_rewards,
 )
+from rewardtune.training.duals import DualAscent
 from rewardtune.training.rollout import EpochSamples
 
 
-class AdvantageEstimation:
-    """`compute_advantages` fills `EpochSamples.advantages`; statistics are gathered across processes."""
+class AdvantageEstimator:
+    """`compute_advantages` fills `EpochSamples.advantages`; statistics are gathered across processes.
+
+    It updates the per-prompt `stat_trackers` (one per reward) and the adaptive `kl_controller`, and reads
+    CDPO's current multipliers from `dual`; all three are saved with the checkpoints.
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, device: torch.device,
+                 stat_trackers: list[PerPromptStatTracker], kl_controller: KLController, dual: DualAscent,
+                 has_critic: bool) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.device = device
+        self.stat_trackers = stat_trackers
+        self.kl_controller = kl_controller
+        self.dual = dual
+        self.has_critic = has_critic
 
     def normalized_rewards(self, rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker) -> torch.Tensor:
         """Normalize rewards by their prompt's (or the batch's) statistics, gathered across all processes.
@@ -39,7 +57,7 @@ class AdvantageEstimation:
         mine = normalized[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
         mine = torch.as_tensor(mine, dtype=torch.float32, device=self.device)
         # DDPO clips its advantage; TDPO's terminal reward is unclipped (official clip_range_reward = 0)
-        clip = self.cfg.algorithm.critic.reward_clip if self.critics is not None else self.cfg.training.adv_clip_max
+        clip = self.cfg.algorithm.critic.reward_clip if self.has_critic else self.cfg.training.adv_clip_max
         return mine.clamp(-clip, clip) if clip > 0 else mine
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
@@ -49,7 +67,7 @@ class AdvantageEstimation:
         all_rewards = samples.extras["all_rewards"]
         terminals = [self.normalized_rewards(all_rewards[:, r], samples.prompts, tracker)
                      for r, tracker in enumerate(self.stat_trackers)]
-        if self.critics is None:
+        if not self.has_critic:
             samples.advantages = terminals[0][:, None].expand(-1, steps)
             return {}
         critic = self.cfg.algorithm.critic

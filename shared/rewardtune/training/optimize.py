@@ -4,25 +4,17 @@ clipped value loss alongside (TDPO), gradient accumulation and clipping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from rewardtune.diffusion import (
-    ddim_step_with_logprob,
-    guided_noise_pred,
-)
-from rewardtune.families.base import Step
 from rewardtune.faults import fault_point
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
-from rewardtune.temporal import (
-    clipped_value_loss,
-)
+from rewardtune.numerics import StepHealth
+from rewardtune.temporal import clipped_value_loss
+from rewardtune.training.logprob import PolicyDensity, flat_view, is_row_field
 from rewardtune.training.rollout import EpochSamples
-from rewardtune.training.setup import epoch_seed
-
-
-def is_row_field(name: str) -> bool:
-    """Fields indexed by sample only (text conditioning); all others are [sample, step, ...]."""
-    return name in ("prompt_embeds", "negative_embeds") or name.startswith("cond.")
+from rewardtune.training.setup import Progress, Run, epoch_seed
 
 
 def row_fields(samples: EpochSamples) -> dict[str, torch.Tensor]:
@@ -32,10 +24,25 @@ def row_fields(samples: EpochSamples) -> dict[str, torch.Tensor]:
     return {f"cond.{key}": value for key, value in samples.conditioning.items()}
 
 
-class Optimization:
-    """`train_epoch` and the batching it relies on."""
+class PPOUpdate:
+    """`train_epoch`: the inner epochs of PPO updates on one epoch's samples.
 
-    def _shuffled(self, samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    Between inner epochs it calls `measure(epoch, inner, probe)` (TDPO's neuron scoring and resets, None
+    without a critic) and after each optimizer step `safe_point(epoch)` (SIGTERM); `progress.global_step`
+    counts the optimizer steps.
+    """
+
+    def __init__(self, run: Run, density: PolicyDensity, progress: Progress, safe_point: Callable[[int], None],
+                 measure: Callable[[int, int, dict[str, torch.Tensor]], object] | None) -> None:
+        self.run = run
+        self.density = density
+        self.progress = progress
+        self.safe_point = safe_point
+        self.measure = measure
+        self.step_health = StepHealth(run.cfg.training.mixed_precision)
+        self.probe: dict[str, torch.Tensor] = {}  # the last inner epoch's neuron-score probe
+
+    def shuffled(self, samples: EpochSamples, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Shuffle samples, then the trainable steps of each sample independently (as DDPO and TDPO do).
 
         Only the trainable (stochastic) steps are permuted and kept: column j of the result is a trainable step.
@@ -43,7 +50,7 @@ class Optimization:
         """
         n, k = samples.timesteps.shape
         order = torch.randperm(n, generator=generator)
-        steps = torch.as_tensor(self.trainable_steps)
+        steps = torch.as_tensor(self.run.trainable_steps)
         time_perm = torch.stack([steps[torch.randperm(len(steps), generator=generator)] for _ in range(n)])
         fields = {
             "latents": samples.latents,
@@ -69,98 +76,53 @@ class Optimization:
         Fusing consecutive micro-steps of one optimizer step changes only the batch shape: every pair
         still weighs the same in the step's mean loss.
         """
-        bs = self.cfg.training.batch_size
+        bs = self.run.cfg.training.batch_size
         batches = [slice(i, i + bs) for i in range(0, n, bs)]
-        steps = range(self.num_train_steps)
-        if self.time_major:
+        steps = range(self.run.num_train_steps)
+        if self.run.time_major:
             pairs = [(b, j) for j in steps for b in batches]
         else:
             pairs = [(b, j) for b in batches for j in steps]
-        fused = self.cfg.training.fused_steps
+        fused = self.run.cfg.training.fused_steps
         return [pairs[i : i + fused] for i in range(0, len(pairs), fused)]
 
-    @staticmethod
-    def _view(batch: dict[str, torch.Tensor], chunk: list[tuple[slice, int]]) -> dict[str, torch.Tensor]:
-        """The (sample, step) pairs of a chunk as one flat batch."""
-        out = {}
-        for name, value in batch.items():
-            if is_row_field(name):
-                parts = [value[rows] for rows, _ in chunk]
-            else:
-                parts = [value[rows, j] for rows, j in chunk]
-            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out
-
-    def log_prob_of(self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
-        """log pi(x_{t-1} | x_t) of each pair in a flat batch, recomputed with gradients."""
-        model = model or self.unet
-        if self.is_flow:
-            return self._flow_log_prob(view, model)
-        latents, timesteps = view["latents"], view["timesteps"]
-        model_dtype = next(model.parameters()).dtype
-        with self.accelerator.autocast():
-            noise_pred = guided_noise_pred(
-                model,
-                self.scheduler.scale_model_input(latents, timesteps).to(model_dtype),
-                timesteps,
-                view["prompt_embeds"],
-                view["negative_embeds"],
-                self.cfg.sampling.guidance_scale,
-            )
-        _, log_prob = ddim_step_with_logprob(
-            self.scheduler, noise_pred, timesteps, latents, eta=self.cfg.sampling.eta, prev_sample=view["next_latents"],
-            check_std=not self.cfg.performance.sync_free_steps,  # the sampled schedule was checked once
-        )
-        return log_prob
-
-    def _flow_log_prob(self, view: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
-        """The flow family's log-prob at the stored per-sample (timestep, sigma, sigma') of trainable steps."""
-        step = Step(-1, view["timesteps"], view["sigmas"], view["sigmas_next"], stochastic=True)
-        cond = {name.removeprefix("cond."): value for name, value in view.items() if name.startswith("cond.")}
-        with self.accelerator.autocast():
-            out = self.family.forward(view["latents"], step, cond, self.cfg.sampling.guidance_scale, model=model)
-        _, log_prob = self.family.step_with_logprob(out, step, view["latents"], prev=view["next_latents"])
-        return log_prob
-
-    def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
-        return self.log_prob_of(self._view(batch, [(rows, j)]), model)
-
     def train_epoch(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
-        cfg = self.cfg.training
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, self.accelerator.process_index) + 1)
-        self.unet.train()
-        models = [self.unet] if self.critics is None else [self.unet, self.critics.train()]
-        critic_cfg = self.cfg.algorithm.critic
+        run = self.run
+        cfg = run.cfg.training
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, run.accelerator.process_index) + 1)
+        run.unet.train()
+        models = [run.unet] if run.critics is None else [run.unet, run.critics.train()]
+        critic_cfg = run.cfg.algorithm.critic
         stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
-        if self.critics is not None:
+        if run.critics is not None:
             stats["critic_loss"] = []
         from tqdm.auto import tqdm
 
         for inner in range(cfg.inner_epochs):
-            if inner and self.measures_neurons:  # official: measure (and reset) after every inner epoch; the last is _run's
-                self.measure_and_reset(epoch, self.reset_due(epoch), inner - 1)
-            batch = self._shuffled(samples, generator)
-            for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not self._progress()):
-                view = self._view(batch, chunk)
-                with self.accelerator.accumulate(*models):
-                    log_prob = self.log_prob_of(view)
+            if inner and self.measure is not None:  # official: measure (and reset) after every inner epoch; the last is the loop's
+                self.measure(epoch, inner - 1, self.probe)
+            batch = self.shuffled(samples, generator)
+            for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not run.progress_bars()):
+                view = flat_view(batch, chunk)
+                with run.accelerator.accumulate(*models):
+                    log_prob = self.density.log_prob_of(view)
                     old = view["log_probs"]
                     loss = ppo_clipped_loss(log_prob, old, view["advantages"], cfg.clip_range)
                     total = loss
-                    if self.critics is not None:
-                        values = self.critics(view["critic_inputs"])
+                    if run.critics is not None:
+                        values = run.critics(view["critic_inputs"])
                         value_loss = clipped_value_loss(values, view["old_values"], view["returns"], critic_cfg.value_clip)
                         total = loss + critic_cfg.coef * value_loss
                         stats["critic_loss"].append(value_loss.detach())
-                    self.accelerator.backward(total)
-                    synced = self.accelerator.sync_gradients
+                    run.accelerator.backward(total)
+                    synced = run.accelerator.sync_gradients
                     if synced:
                         self.clip_gradients()
-                        self.global_step += 1
-                        if self.critics is not None:
+                        self.progress.global_step += 1
+                        if run.critics is not None:
                             fault_point("critic_update")
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
                 if synced:
                     fault_point("optimizer_step")
                     self.safe_point(epoch)
@@ -169,16 +131,17 @@ class Optimization:
                     stats[name].append(value)
             self.probe = self._probe(batch)
         means = torch.stack([torch.stack(values).mean() for values in stats.values()])
-        means = self.accelerator.reduce(means, reduction="mean")  # every rank has as many micro-steps: the global mean
+        means = run.accelerator.reduce(means, reduction="mean")  # every rank has as many micro-steps: the global mean
         return dict(zip(stats, means.tolist(), strict=True))
 
     def _probe(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The neuron-score probe of the official code: the first `sampling.batch_size` samples of this inner
         epoch's shuffled buffer at the last trained time column (all processes' probes are gathered later)."""
-        rows = slice(0, self.cfg.sampling.batch_size)
-        per_step = ["latents", "timesteps", *(["sigmas", "sigmas_next"] if self.is_flow else []),
-                    *(["critic_inputs"] if self.critics is not None else [])]
-        probe = {name: batch[name][rows, self.num_train_steps - 1] for name in per_step}
+        run = self.run
+        rows = slice(0, run.cfg.sampling.batch_size)
+        per_step = ["latents", "timesteps", *(["sigmas", "sigmas_next"] if run.is_flow else []),
+                    *(["critic_inputs"] if run.critics is not None else [])]
+        probe = {name: batch[name][rows, run.num_train_steps - 1] for name in per_step}
         probe |= {name: value[rows] for name, value in batch.items() if is_row_field(name)}
         return probe
 
@@ -187,16 +150,9 @@ class Optimization:
 
         The official TDPO code unscales the critic twice under fp16; this does not.
         """
-        self.accelerator.unscale_gradients()
-        norms = [torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)]
-        if self.critics is not None:
-            norms.append(torch.nn.utils.clip_grad_norm_(self.critics.parameters(), self.cfg.training.max_grad_norm))
+        run = self.run
+        run.accelerator.unscale_gradients()
+        norms = [torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.training.max_grad_norm)]
+        if run.critics is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(run.critics.parameters(), run.cfg.training.max_grad_norm))
         self.step_health.record(norms)
-
-    def trained_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, tensor) of everything the optimizer updates: what must stay finite."""
-        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.unet).named_parameters() if p.requires_grad]
-        if self.critics is not None:
-            named += [(f"critic.{n}", p) for n, p in self.accelerator.unwrap_model(self.critics).named_parameters()]
-        return named
-

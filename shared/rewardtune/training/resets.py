@@ -1,5 +1,5 @@
-"""Between epochs: neuron scoring and resets (TDPO-R's dormant neurons, critic or policy LoRA) and CDPO's
-dual ascent on the Lagrange multipliers.
+"""Neuron scoring and resets (TDPO-R's dormant neurons, of the critic or the policy's LoRA) on each inner
+epoch's probe, and the replica digests that prove every process reset the same neurons.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import os
 import torch
 
 from rewardtune import digests
-from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.errors import RewardtuneError
 from rewardtune.faults import fault_point
-from rewardtune.lagrangian import dual_scale
 from rewardtune.neuron_reset import (
     dormant_mask,
     dormant_overlap,
@@ -22,30 +21,51 @@ from rewardtune.neuron_reset import (
     reset_lora_neurons,
     select_neurons,
 )
-from rewardtune.training.optimize import is_row_field
-from rewardtune.training.rollout import EpochSamples
-from rewardtune.training.setup import epoch_seed
+from rewardtune.training.logprob import PolicyDensity, is_row_field
+from rewardtune.training.setup import Run, epoch_seed
 
 
-class ResetsAndDuals:
-    """`measure_and_reset` (every inner epoch's probe) and `update_multipliers` (once per epoch)."""
+def record_digests(run: Run, phase: str, epoch: int) -> None:
+    """This replica's policy, critic and optimizer digests (only with RT_DIGEST_DIR: a test hook)."""
+    if not os.environ.get(digests.DIGEST_ENV):
+        return
+    parts = {"policy": [(n, p) for n, p in run.policy.named_parameters() if p.requires_grad],
+             "optimizer": digests.optimizer_tensors(run.optimizer.optimizer)}
+    if run.critics is not None:
+        parts["critic"] = list(run.accelerator.unwrap_model(run.critics).state_dict().items())
+    digests.record(phase, epoch, run.accelerator.process_index, parts)
+
+
+class NeuronResets:
+    """`measure_and_reset` on an inner epoch's probe; keeps the previous dormant masks (for their overlap)."""
+
+    def __init__(self, run: Run, density: PolicyDensity) -> None:
+        self.run = run
+        self.density = density
+        self.previous_dormant: dict[str, torch.Tensor] = {}
+
+    def dormant_state(self) -> dict[str, list[bool]]:
+        return {k: v.tolist() for k, v in self.previous_dormant.items()}
+
+    def load_dormant_state(self, state: dict[str, list[bool]]) -> None:
+        self.previous_dormant = {k: torch.tensor(v, dtype=torch.bool) for k, v in state.items()}
 
     @property
     def measures_neurons(self) -> bool:
         """TDPO's critic neurons are measured (and logged) even without resets, as in the official code."""
-        return self.cfg.algorithm.uses_critic
+        return self.run.cfg.algorithm.uses_critic
 
     def reset_due(self, epoch: int) -> bool:
-        algo = self.cfg.algorithm
+        algo = self.run.cfg.algorithm
         return algo.uses_reset and (epoch + 1) % algo.reset.every == 0
 
     def _reset_layers(self) -> list[tuple[str, torch.nn.Linear, torch.nn.Linear, bool]]:
         """(name, layer, next layer, is_lora) for every layer whose neurons are scored (and can be reset)."""
-        if self.cfg.algorithm.uses_reset and self.cfg.algorithm.reset.target == "policy_lora":
-            if self.cfg.model.finetune != "lora":
+        if self.run.cfg.algorithm.uses_reset and self.run.cfg.algorithm.reset.target == "policy_lora":
+            if self.run.cfg.model.finetune != "lora":
                 raise RewardtuneError("algorithm.reset.target: policy_lora needs model.finetune: lora")
-            return [(name, down, up, True) for name, down, up in lora_pairs(self.policy)]
-        critics = self.accelerator.unwrap_model(self.critics)
+            return [(name, down, up, True) for name, down, up in lora_pairs(self.run.policy)]
+        critics = self.run.accelerator.unwrap_model(self.run.critics)
         layers = []
         for head_name, head in zip(critics.names, critics.heads, strict=True):
             linears = head.linears()
@@ -58,29 +78,28 @@ class ResetsAndDuals:
         The activations are all-gathered (as the official recycler does), scored, and rank 0's scores are
         broadcast, so the masks, the statistics and the reset agree bit for bit on every replica.
         """
-        if self.accelerator.num_processes == 1:
+        if self.run.accelerator.num_processes == 1:
             return [neuron_scores(a).cpu() for a in activations]
         from accelerate.utils import broadcast
 
-        scores = [neuron_scores(self.accelerator.gather(a.contiguous())) for a in activations]
+        scores = [neuron_scores(self.run.accelerator.gather(a.contiguous())) for a in activations]
         return [s.cpu() for s in broadcast(scores, from_process=0)]
 
     @torch.no_grad()
-    def measure_and_reset(self, epoch: int, reset: bool, inner: int = 0) -> dict[str, float]:
-        """Score neurons on the inner epoch's probe; reset the selected ones if `reset`."""
-        rules = self.cfg.algorithm.reset
+    def measure_and_reset(self, epoch: int, reset: bool, inner: int, probe: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Score neurons on the inner epoch's `probe`; reset the selected ones if `reset`."""
+        rules = self.run.cfg.algorithm.reset
         layers = self._reset_layers()
         modules = [down for _, down, _, _ in layers]
-        probe = self.probe
         if layers and layers[0][3]:
             batch = {k: v if is_row_field(k) else v.unsqueeze(1) for k, v in probe.items() if k != "critic_inputs"}
             batch["next_latents"] = batch["latents"]
-            acts = record_activations(modules, lambda: self.policy_log_prob(batch, slice(None), 0, self.policy))
+            acts = record_activations(modules, lambda: self.density.policy_log_prob(batch, slice(None), 0, self.run.policy))
         else:
-            critics = self.accelerator.unwrap_model(self.critics).eval()
+            critics = self.run.accelerator.unwrap_model(self.run.critics).eval()
             acts = record_activations(modules, lambda: critics(probe["critic_inputs"]))
             critics.train()
-        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.training.seed, epoch, 0) + 2 + inner)
+        generator = torch.Generator().manual_seed(epoch_seed(self.run.cfg.training.seed, epoch, 0) + 2 + inner)
         total = dormant = resets = 0
         overlaps = []
         for (name, down, up, is_lora), scores in zip(layers, self._global_scores(acts), strict=True):
@@ -93,49 +112,15 @@ class ResetsAndDuals:
                 mask = select_neurons(scores, rules.rule, rules.tau, rules.tau_high, rules.fraction)
                 resets += int(mask.sum())
                 if is_lora:
-                    reset_lora_neurons(down, up, mask, self.optimizer.optimizer, generator)
+                    reset_lora_neurons(down, up, mask, self.run.optimizer.optimizer, generator)
                 else:  # the critic's own init std 1/(d+1), d its input size, for every layer
-                    std = self.accelerator.unwrap_model(self.critics).init_std
-                    reset_linear_neurons(down, up, mask, self.optimizer.optimizer, generator, std)
+                    std = self.run.accelerator.unwrap_model(self.run.critics).init_std
+                    reset_linear_neurons(down, up, mask, self.run.optimizer.optimizer, generator, std)
                 fault_point("reset")
         if reset:
-            self._record_digests("reset", epoch)
+            record_digests(self.run, "reset", epoch)
         finite = [o for o in overlaps if o == o]
         return {"neurons_total": total, "neurons_dormant": dormant, "neurons_active": total - dormant,
                 "dormant_fraction": dormant / max(total, 1), "dormant_overlap": sum(finite) / len(finite) if finite else None,
                 "reset": reset, "neurons_reset": resets}
-
-    def _record_digests(self, phase: str, epoch: int) -> None:
-        """This replica's policy, critic and optimizer digests (only with RT_DIGEST_DIR: a test hook)."""
-        if not os.environ.get(digests.DIGEST_ENV):
-            return
-        parts = {"policy": [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad],
-                 "optimizer": digests.optimizer_tensors(self.optimizer.optimizer)}
-        if self.critics is not None:
-            parts["critic"] = list(self.accelerator.unwrap_model(self.critics).state_dict().items())
-        digests.record(phase, epoch, self.accelerator.process_index, parts)
-
-    # ------------------------------------------------------------------ constraints (CDPO)
-    def update_multipliers(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
-        """Projected dual ascent on c_k - Ĵ_k once per epoch; relative thresholds come from epoch 0's base policy."""
-        gathered = self.accelerator.gather(samples.extras["all_rewards"])
-        means = gathered.mean(dim=0).tolist()[1:]
-        for k, spec in enumerate(self.constraints):
-            if self.thresholds[k] is None:
-                if epoch != 0:
-                    raise CheckpointError("relative CDPO thresholds are set at epoch 0; resume from a checkpoint that has them")
-                self.thresholds[k] = means[k] - spec.relative_margin
-        lagrange = self.cfg.algorithm.lagrange
-        if lagrange.normalize == "base_std" and not self.dual.scales:
-            if epoch != 0:
-                raise CheckpointError("scale-free CDPO scales are set at epoch 0; resume from a checkpoint that has them")
-            stds = gathered.std(dim=0).tolist()[1:] if gathered.shape[0] > 1 else [0.0] * len(self.constraints)
-            self.dual.scales = [dual_scale(s, lagrange.scale_floor) for s in stds]
-        self.dual.update(self.thresholds, means, lagrange.learning_rate, lagrange.pid_kp, lagrange.pid_kd)
-        record = {}
-        for k, spec in enumerate(self.constraints):
-            name = spec.reward.name
-            record |= {f"lambda_{name}": self.dual.multipliers[k], f"constraint_{name}": means[k],
-                       f"threshold_{name}": self.thresholds[k]}
-        return record
 

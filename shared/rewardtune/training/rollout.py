@@ -5,6 +5,7 @@ old values along them, the reference log-probs of the KL penalty, and the reward
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,8 @@ from rewardtune.faults import fault_point
 from rewardtune.group_advantages import group_prompts
 from rewardtune.numerics import check_images
 from rewardtune.rewards import check_finite
-from rewardtune.training.setup import epoch_seed
+from rewardtune.training.logprob import PolicyDensity
+from rewardtune.training.setup import Progress, Run, epoch_seed
 
 
 @dataclass
@@ -58,37 +60,47 @@ class EpochTimes:
 
 
 class Rollout:
-    """`sample_epoch` and what it records along the trajectories."""
+    """`sample_epoch` and what it records along the trajectories.
+
+    `safe_point(epoch)` is the SIGTERM check called after each sampled batch; `density` computes the
+    reference log-probs; `progress` says whether the policy has been trained yet (for the image check).
+    """
+
+    def __init__(self, run: Run, density: PolicyDensity, progress: Progress, safe_point: Callable[[int], None]) -> None:
+        self.run = run
+        self.density = density
+        self.progress = progress
+        self.safe_point = safe_point
 
     @torch.no_grad()
     def sample_epoch(self, epoch: int, times: EpochTimes) -> EpochSamples:
-        cfg = self.cfg.sampling
-        seed = epoch_seed(self.cfg.training.seed, epoch, self.accelerator.process_index)
+        cfg = self.run.cfg.sampling
+        seed = epoch_seed(self.run.cfg.training.seed, epoch, self.run.accelerator.process_index)
         prompt_rng = np.random.default_rng(seed)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        self.unet.eval()
+        generator = torch.Generator(self.run.device).manual_seed(seed)
+        self.run.unet.eval()
         parts: list[dict] = []
-        embed_steps = embedded_steps(cfg.num_steps, self.cfg.algorithm.critic.input_stride)
-        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
-        self._encode = (PromptEmbeddingCache(tokenizer, text_encoder) if self.cfg.performance.cache_prompt_embeds
+        embed_steps = embedded_steps(cfg.num_steps, self.run.cfg.algorithm.critic.input_stride)
+        tokenizer, text_encoder = self.run.pipe.tokenizer, self.run.pipe.text_encoder
+        self._encode = (PromptEmbeddingCache(tokenizer, text_encoder) if self.run.cfg.performance.cache_prompt_embeds
                         else lambda prompts: encode_prompts(tokenizer, text_encoder, prompts))
-        grouped = self.epoch_prompts(prompt_rng) if self.cfg.algorithm.name == "grpo" else None
+        grouped = self.epoch_prompts(prompt_rng) if self.run.cfg.algorithm.name == "grpo" else None
         for b in range(cfg.batches_per_epoch):
             start = time.perf_counter()
             if grouped is not None:
                 prompts = grouped[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             else:
                 group = cfg.images_per_prompt  # several images per prompt: per-prompt statistics within the batch
-                drawn = prompt_rng.integers(len(self.prompts), size=cfg.batch_size // group)
-                prompts = [self.prompts[i] for i in drawn for _ in range(group)]
-            if self.is_flow:
+                drawn = prompt_rng.integers(len(self.run.prompts), size=cfg.batch_size // group)
+                prompts = [self.run.prompts[i] for i in drawn for _ in range(group)]
+            if self.run.is_flow:
                 traj, extras = self._sample_flow(prompts, generator, embed_steps)
             else:
                 traj, extras = self._sample_sd(prompts, generator, embed_steps)
             times.sampling += time.perf_counter() - start
-            check_images(traj.images, prompts, epoch, self.trained_parameters() if self.epochs_done else None)
+            check_images(traj.images, prompts, epoch, self.run.trained_parameters() if self.progress.epochs_done else None)
             # scored in the reward thread while the next batch samples (ddpo-pytorch's executor)
-            rewards = self.reward_pool.submit(self.score_batch, traj.images, prompts, times)
+            rewards = self.run.reward_pool.submit(self.score_batch, traj.images, prompts, times)
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
             fault_point("sample")
             self.safe_point(epoch)
@@ -102,35 +114,35 @@ class Rollout:
     def score_batch(self, images: torch.Tensor, prompts: list[str], times: EpochTimes) -> torch.Tensor:
         """[B, 1 + constraints] rewards of one sampled batch; raises (never guesses) when a reward fails."""
         start = time.perf_counter()
-        scores = [check_finite(self.cfg.reward.name, self.reward_fn(images, prompts).float(), prompts)]
-        for spec, fn in zip(self.constraints, self.aux_reward_fns, strict=True):
+        scores = [check_finite(self.run.cfg.reward.name, self.run.reward_fn(images, prompts).float(), prompts)]
+        for spec, fn in zip(self.run.constraints, self.run.aux_reward_fns, strict=True):
             scores.append(check_finite(spec.reward.name, fn(images, prompts).float(), prompts))
         times.reward += time.perf_counter() - start
-        return torch.stack([score.to(self.device) for score in scores], dim=1)
+        return torch.stack([score.to(self.run.device) for score in scores], dim=1)
 
     def epoch_prompts(self, prompt_rng: np.random.Generator) -> list[str]:
         """GRPO: this process's prompts of the epoch, each `group_size` times in a row (groups are never split
         across processes; batches may split them, the advantages are computed over the whole epoch)."""
-        cfg = self.cfg.sampling
-        size = self.cfg.algorithm.group.group_size
-        drawn = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=cfg.batch_size * cfg.batches_per_epoch // size)]
+        cfg = self.run.cfg.sampling
+        size = self.run.cfg.algorithm.group.group_size
+        drawn = [self.run.prompts[i] for i in prompt_rng.integers(len(self.run.prompts), size=cfg.batch_size * cfg.batches_per_epoch // size)]
         return group_prompts(drawn, size)
 
     def _sample_sd(self, prompts: list[str], generator: torch.Generator, embed_steps: list[int]):
         """One batch of the sd family: DDIM trajectories, critic inputs of the decoded x_t."""
-        cfg = self.cfg.sampling
+        cfg = self.run.cfg.sampling
         embed_at = set(embed_steps)
         embeds = self._encode(prompts)
-        negative = self.negative_embed.expand(len(prompts), -1, -1)
+        negative = self.run.negative_embed.expand(len(prompts), -1, -1)
         critic_inputs: list[torch.Tensor] = []
 
         def store(k: int, x_t: torch.Tensor, critic_inputs=critic_inputs) -> None:
             if k in embed_at:
                 critic_inputs.append(self.critic_input(x_t))
         traj = sample_trajectories(
-            self.policy,
-            self.pipe.vae,
-            self.scheduler,
+            self.run.policy,
+            self.run.pipe.vae,
+            self.run.scheduler,
             embeds,
             negative,
             num_steps=cfg.num_steps,
@@ -138,50 +150,50 @@ class Rollout:
             eta=cfg.eta,
             resolution=cfg.resolution,
             generator=generator,
-            autocast_dtype=self.autocast_dtype,
-            before_step=store if self.critics else None,
-            progress=self._progress(),
-            sync_free=self.cfg.performance.sync_free_steps,
+            autocast_dtype=self.run.autocast_dtype,
+            before_step=store if self.run.critics else None,
+            progress=self.run.progress_bars(),
+            sync_free=self.run.cfg.performance.sync_free_steps,
         )
         extras = {}
-        if self.critics is not None:
+        if self.run.critics is not None:
             extras["critic_inputs"] = interpolate_step_embeddings(
                 embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps
             )
-            extras["old_values"] = self.accelerator.unwrap_model(self.critics).eval()(extras["critic_inputs"])
-            if self.cfg.algorithm.critic.kl_coef > 0:
+            extras["old_values"] = self.run.accelerator.unwrap_model(self.run.critics).eval()(extras["critic_inputs"])
+            if self.run.cfg.algorithm.critic.kl_coef > 0:
                 extras["ref_log_probs"] = self.reference_log_probs(traj)
         return traj, extras
 
     def _sample_flow(self, prompts: list[str], generator: torch.Generator, embed_steps: list[int]):
         """One batch of a flow family: SDE trajectories; the critic's state is the decoded x0_hat (from the
         model output the step already computed) or the decoded x_t, with sigma as an extra input."""
-        cfg = self.cfg.sampling
+        cfg = self.run.cfg.sampling
         embed_at = set(embed_steps)
         critic_inputs: list[torch.Tensor] = []
-        use_x0 = self.cfg.algorithm.critic.flow_state == "x0_hat"
+        use_x0 = self.run.cfg.algorithm.critic.flow_state == "x0_hat"
 
         def after_model(step: Step, x_t: torch.Tensor, out: torch.Tensor) -> None:
             if step.index in embed_at:
-                critic_inputs.append(self.tower.embed(self.family.decode(self.family.predicted_clean(out, step, x_t))))
+                critic_inputs.append(self.run.tower.embed(self.run.family.decode(self.run.family.predicted_clean(out, step, x_t))))
 
         def before_step(k: int, x_t: torch.Tensor) -> None:
             if k in embed_at:
-                critic_inputs.append(self.tower.embed(self.family.decode(x_t)))
+                critic_inputs.append(self.run.tower.embed(self.run.family.decode(x_t)))
 
-        critic = self.critics is not None
+        critic = self.run.critics is not None
         traj = sample_rollout(
-            self.family, self.family.encode(prompts, cfg.negative_prompt), num_steps=cfg.num_steps,
+            self.run.family, self.run.family.encode(prompts, cfg.negative_prompt), num_steps=cfg.num_steps,
             guidance_scale=cfg.guidance_scale, resolution=cfg.resolution, generator=generator,
-            autocast_dtype=self.autocast_dtype, before_step=before_step if critic and not use_x0 else None,
-            after_model=after_model if critic and use_x0 else None, progress=self._progress(),
+            autocast_dtype=self.run.autocast_dtype, before_step=before_step if critic and not use_x0 else None,
+            after_model=after_model if critic and use_x0 else None, progress=self.run.progress_bars(),
         )
         extras = {}
         if critic:
             embedded = interpolate_step_embeddings(embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps)
             extras["critic_inputs"] = torch.cat([embedded, traj.sigmas[..., None].to(embedded)], dim=-1)
-            extras["old_values"] = self.accelerator.unwrap_model(self.critics).eval()(extras["critic_inputs"])
-            if self.cfg.algorithm.critic.kl_coef > 0:
+            extras["old_values"] = self.run.accelerator.unwrap_model(self.run.critics).eval()(extras["critic_inputs"])
+            if self.run.cfg.algorithm.critic.kl_coef > 0:
                 extras["ref_log_probs"] = self.reference_log_probs(traj)
         return traj, extras
 
@@ -190,7 +202,7 @@ class Rollout:
         def cat(get) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
 
-        flow = self.is_flow
+        flow = self.run.is_flow
         return EpochSamples(
             prompts=[q for p in parts for q in p["prompts"]],
             latents=cat(lambda p: p["traj"].latents[:, :-1]),
@@ -213,27 +225,27 @@ class Rollout:
     @torch.no_grad()
     def critic_input(self, latents: torch.Tensor) -> torch.Tensor:
         """The critic's state at a step: the VAE-decoded x_t embedded by the frozen image tower."""
-        return self.tower.embed(decode_latents(self.pipe.vae, latents))
+        return self.run.tower.embed(decode_latents(self.run.pipe.vae, latents))
 
     @torch.no_grad()
     def reference_log_probs(self, traj) -> torch.Tensor:
         """log pi_ref of each sampled step under the frozen base policy (for the per-step KL penalty)."""
-        unet = self.policy
-        model = self.reference_unet or unet
+        unet = self.run.policy
+        model = self.run.reference_unet or unet
         batch = {"latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:], "timesteps": traj.timesteps}
-        if self.is_flow:  # only the stochastic steps have a density; the ODE steps' reference log-prob is 0
+        if self.run.is_flow:  # only the stochastic steps have a density; the ODE steps' reference log-prob is 0
             batch |= {"sigmas": traj.sigmas, "sigmas_next": traj.sigmas_next,
                       **{f"cond.{k}": v for k, v in traj.conditioning.items()}}
         else:
             batch |= {"prompt_embeds": traj.prompt_embeds, "negative_embeds": traj.negative_embeds}
-        if self.reference_unet is None:
+        if self.run.reference_unet is None:
             unet.disable_adapters()
         try:
-            steps = traj.timesteps.shape[1]
+            steps, trainable = traj.timesteps.shape[1], self.run.trainable_set
             zero = torch.zeros_like(traj.log_probs[:, 0])
-            return torch.stack([self.policy_log_prob(batch, slice(None), k, model) if k in self.trainable_set else zero
+            return torch.stack([self.density.policy_log_prob(batch, slice(None), k, model) if k in trainable else zero
                                 for k in range(steps)], dim=1)
         finally:
-            if self.reference_unet is None:
+            if self.run.reference_unet is None:
                 unet.enable_adapters()
 
