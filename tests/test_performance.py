@@ -204,3 +204,18 @@ def test_epoch_cost_scales_with_counts_and_roofline_takes_the_slower_bound():
     assert phases["critic_decode_embed"].flops == 0
     assert cm.roofline_seconds(cm.Cost(10.0, 4.0), 5.0, 1.0) == 4.0
     assert cm.roofline_seconds(cm.Cost(10.0, 4.0), 1.0, 1.0) == 10.0
+
+
+def test_critic_inputs_embedded_in_the_reward_thread_are_bit_identical(tiny_model_dir, tiny_rewards, tmp_path):
+    """`performance.overlap_critic_inputs`: the same critic inputs and old values as the in-loop hook (the
+    trajectory's stored x_t, decoded one step at a time at the batch's shape), every sample and step."""
+    tdpo = ["algorithm.name=tdpo", "reward.name=aesthetic", f"reward.source={tiny_rewards['aesthetic']}",
+            "algorithm.critic.input_stride=2", "sampling.batches_per_epoch=2"]
+    epochs = {}
+    for overlap in (False, True):
+        trainer = _trainer(tiny_model_dir, tmp_path / str(overlap), [*tdpo, f"performance.overlap_critic_inputs={overlap}"])
+        assert trainer.rollout.overlaps_critic_inputs is overlap
+        epochs[overlap] = trainer.sample_epoch(0, EpochTimes())
+    for name in ("critic_inputs", "old_values"):
+        assert torch.equal(epochs[True].extras[name], epochs[False].extras[name]), name
+    assert torch.equal(epochs[True].latents, epochs[False].latents)

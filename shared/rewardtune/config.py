@@ -422,6 +422,9 @@ class PerformanceConfig(_Strict):
     )
     cache_prompt_embeds: bool = Field(True, description="Encode each distinct prompt once per epoch.")
     sync_free_steps: bool = Field(True, description="No host sync inside the sampling and training step loops.")
+    overlap_critic_inputs: bool = Field(
+        False, description="sd: decode and embed the critic's x_t in the reward thread while the next batch samples."
+    )
 
 
 class CheckpointConfig(_Strict):

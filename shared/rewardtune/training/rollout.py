@@ -59,6 +59,15 @@ class EpochTimes:
     training: float = 0.0
 
 
+def _ready_event(device: torch.device) -> torch.cuda.Event | None:
+    """On a GPU, an event after the batch's sampling kernels, for the reward thread's stream to wait on."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 class Rollout:
     """`sample_epoch` and what it records along the trajectories.
 
@@ -101,14 +110,44 @@ class Rollout:
             check_images(traj.images, prompts, epoch, self.run.trained_parameters() if self.progress.epochs_done else None)
             # scored in the reward thread while the next batch samples (ddpo-pytorch's executor)
             rewards = self.run.reward_pool.submit(self.score_batch, traj.images, prompts, times)
+            if self.overlaps_critic_inputs:  # then its critic inputs, in the same thread, still under the next batch
+                extras["embedded"] = self.run.reward_pool.submit(self.embed_steps, traj.latents, embed_steps, _ready_event(traj.latents.device))
             parts.append({"prompts": prompts, "traj": traj, "rewards": rewards, "extras": extras})
             fault_point("sample")
             self.safe_point(epoch)
         start = time.perf_counter()
         for part in parts:
             part["rewards"] = part["rewards"].result()
+            if self.overlaps_critic_inputs:
+                self._critic_extras(part["extras"], part["extras"].pop("embedded").result(), embed_steps)
         times.reward_wait += time.perf_counter() - start
         return self._epoch_samples(parts)
+
+    @property
+    def overlaps_critic_inputs(self) -> bool:
+        """`performance.overlap_critic_inputs` applies to the sd family's critic (x_t is all it embeds)."""
+        return self.run.cfg.performance.overlap_critic_inputs and self.run.critics is not None and not self.run.is_flow
+
+    @torch.no_grad()
+    def embed_steps(self, latents: torch.Tensor, steps: list[int], ready: torch.cuda.Event | None) -> torch.Tensor:
+        """[B, len(steps), d] critic inputs of a sampled trajectory's x_t (latents[:, k] is x_t before step k).
+
+        Each step is decoded alone at the batch's shape, exactly as the in-loop hook decodes it; on a GPU on
+        a side stream that waits for the sampling stream's `ready` event.
+        """
+        if ready is None:
+            return torch.stack([self.critic_input(latents[:, k].contiguous()) for k in steps], dim=1)
+        stream = torch.cuda.Stream(latents.device)
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            out = torch.stack([self.critic_input(latents[:, k].contiguous()) for k in steps], dim=1)
+        stream.synchronize()
+        return out
+
+    def _critic_extras(self, extras: dict, embedded: torch.Tensor, embed_steps: list[int]) -> None:
+        """The sd critic's inputs at every step (strided steps interpolated) and its old values."""
+        extras["critic_inputs"] = interpolate_step_embeddings(embed_steps, embedded, self.run.cfg.sampling.num_steps)
+        extras["old_values"] = self.run.accelerator.unwrap_model(self.run.critics).eval()(extras["critic_inputs"])
 
     @torch.no_grad()
     def score_batch(self, images: torch.Tensor, prompts: list[str], times: EpochTimes) -> torch.Tensor:
@@ -151,16 +190,14 @@ class Rollout:
             resolution=cfg.resolution,
             generator=generator,
             autocast_dtype=self.run.autocast_dtype,
-            before_step=store if self.run.critics else None,
+            before_step=store if self.run.critics and not self.overlaps_critic_inputs else None,
             progress=self.run.progress_bars(),
             sync_free=self.run.cfg.performance.sync_free_steps,
         )
         extras = {}
         if self.run.critics is not None:
-            extras["critic_inputs"] = interpolate_step_embeddings(
-                embed_steps, torch.stack(critic_inputs, dim=1), cfg.num_steps
-            )
-            extras["old_values"] = self.run.accelerator.unwrap_model(self.run.critics).eval()(extras["critic_inputs"])
+            if not self.overlaps_critic_inputs:  # else filled in when the reward thread has embedded them
+                self._critic_extras(extras, torch.stack(critic_inputs, dim=1), embed_steps)
             if self.run.cfg.algorithm.critic.kl_coef > 0:
                 extras["ref_log_probs"] = self.reference_log_probs(traj)
         return traj, extras
