@@ -27,11 +27,12 @@ def _lines(stdout: str, prefix: str) -> list[Path]:
 
 
 def _demo_args() -> list[str]:
-    """`make demo`'s run_local.py arguments, read from the Makefile (one place), without --root."""
+    """`make demo`'s run_local.py arguments, read from the Makefile (one place), without --root; repository paths
+    made absolute (the test runs elsewhere)."""
     line = next(line for line in (REPO / "Makefile").read_text().splitlines() if "pipelines/run_local.py" in line)
     args = shlex.split(line.split("pipelines/run_local.py", 1)[1])
     i = args.index("--root")
-    return args[:i] + args[i + 2:]
+    return [str(REPO / a) if "/" in a and (REPO / a).exists() else a for a in args[:i] + args[i + 2:]]
 
 
 def _check(proc, epochs, arms, tmp_path) -> dict[str, dict]:
