@@ -71,7 +71,7 @@ def _image(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
     return task.set_container_image(image)
 
 
-def _evaluate_and_export(trained: dsl.PipelineTask, config, prep, trainer_image, cpu_image, gpu_node_selector,
+def _evaluate_and_export(trained: dsl.PipelineTask, arm, config, prep, trainer_image, cpu_image, gpu_node_selector,
                          model_cache_pvc, model_cache_uri, export_select, push_to_hub) -> dsl.PipelineTask:
     """One arm after training: evaluate every checkpoint of `trained` (ParallelFor + Collected), pack the arm for the
     report (collect-arm), then export the checkpoint chosen by held-out evaluation as a KFP Model (a diffusers
@@ -90,7 +90,7 @@ def _evaluate_and_export(trained: dsl.PipelineTask, config, prep, trainer_image,
     _image(packed, cpu_image)
 
     shipped = export(run=trained.outputs["checkpoints"], evaluations=dsl.Collected(ev.outputs["results"]),
-                     select=export_select, merge=True, push_to_hub=push_to_hub).after(packed)
+                     select=export_select, merge=True, push_to_hub=push_to_hub, algorithm=arm).after(packed)
     _image(shipped, trainer_image)
     shipped.set_memory_request("16G")
     kubernetes.mount_pvc(shipped, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
@@ -130,6 +130,7 @@ def alignment_pipeline(
     `algorithms` (e.g. ["ddpo", "tdpo_r"]) trains one arm per algorithm side by side on the same config, prompts and
     seed, and the report overlays them; `arm_overrides` maps an algorithm to its own `section.key=value` settings
     (e.g. {"tdpo_r": ["training.learning_rate=3e-3"]}). Empty `algorithms`: one arm, `algorithm` or the config's.
+    Each arm exports its own model; with several arms `push_to_hub` must hold `{algorithm}` (one repo per arm).
 
     `model_cache_uri` is where cache-models writes and train/evaluate read: the mounted cache PVC (default) or an
     s3:// prefix. `num_nodes` > 1 needs a ReadWriteMany `checkpoint_pvc` and the TrainingRuntime in manifests/.
@@ -138,7 +139,7 @@ def alignment_pipeline(
     _image(status, cpu_image)
     with dsl.ExitHandler(status, name="alignment"):
         plan = plan_arms(config=config, algorithms=algorithms, arm_overrides=arm_overrides, algorithm=algorithm,
-                         base_model=base_model, reward=reward, epochs=epochs)
+                         base_model=base_model, reward=reward, epochs=epochs, push_to_hub=push_to_hub)
         _image(plan, cpu_image)
 
         prep = prepare_prompts(config=config, base_model=base_model)
@@ -165,7 +166,7 @@ def alignment_pipeline(
                 kubernetes.mount_pvc(trained, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
                 kubernetes.mount_pvc(trained, pvc_name=model_cache_pvc, mount_path=CACHE_MOUNT)
                 _use_s3(trained)
-                packed = _evaluate_and_export(trained, config, prep, trainer_image, cpu_image, gpu_node_selector,
+                packed = _evaluate_and_export(trained, arm, config, prep, trainer_image, cpu_image, gpu_node_selector,
                                               model_cache_pvc, model_cache_uri, export_select, push_to_hub)
             _report(packed, cpu_image)
         with dsl.Else(name="multi-node"):
@@ -181,6 +182,6 @@ def alignment_pipeline(
                 # The launcher only waits: a retry re-attaches to the TrainJob (or replaces a Failed one, which resumes).
                 launched.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="120s", backoff_factor=2.0)
                 kubernetes.mount_pvc(launched, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
-                packed = _evaluate_and_export(launched, config, prep, trainer_image, cpu_image, gpu_node_selector,
+                packed = _evaluate_and_export(launched, arm, config, prep, trainer_image, cpu_image, gpu_node_selector,
                                               model_cache_pvc, model_cache_uri, export_select, push_to_hub)
             _report(packed, cpu_image)

@@ -10,6 +10,7 @@ from rewardtune.arms import (
     ALGORITHMS,
     arm_algorithm,
     arm_overrides,
+    arm_repo_id,
     arm_run_id,
     evaluation_config,
     pack_arm,
@@ -49,6 +50,8 @@ def test_arms_keep_their_order_and_each_resolves():
     ({"algorithms": ["ddpo", "cdpo"]}, "arm cdpo: .*cdpo needs at least one entry in algorithm.constraints"),
     ({"algorithms": ["ddpo", "tdpo_r"], "per_arm": {"tdpo_r": ["training.learning_rate=-1"]}},
      "arm tdpo_r: .*training.learning_rate"),
+    ({"algorithms": ["ddpo", "tdpo_r"], "push_to_hub": "me/sd"},
+     re.escape("push_to_hub: 2 arms would all push to 'me/sd'; put {algorithm} in the repo id (e.g. 'me/sd-{algorithm}')")),
 ])
 def test_a_bad_plan_fails_before_training_naming_the_field(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -69,6 +72,13 @@ def test_a_cdpo_config_can_still_run_a_ddpo_arm():
                              "algorithm": {"name": "cdpo", "constraints": [
                                  {"reward": {"name": "testbed_fidelity"}, "relative_margin": 0.05}]}})
     assert plan_arms(config, algorithms=["ddpo", "cdpo"]) == ["ddpo", "cdpo"]
+
+
+def test_each_arm_pushes_to_its_own_repo():
+    assert plan_arms(TESTBED, algorithms=["ddpo", "tdpo_r"], push_to_hub="me/sd-{algorithm}") == ["ddpo", "tdpo_r"]
+    assert plan_arms(TESTBED, push_to_hub="me/sd") == ["ddpo"]  # one arm: any repo id
+    assert arm_repo_id("me/sd-{algorithm}", "tdpo_r") == "me/sd-tdpo_r"
+    assert arm_repo_id("me/sd", "ddpo") == "me/sd" and arm_repo_id("", "ddpo") == ""
 
 
 def test_each_arm_has_its_own_run_id():

@@ -98,7 +98,7 @@ def test_arms_fan_out_over_the_plan_and_fan_in_to_one_report(specs):
     handler = pipeline.components[pipeline.root.dag.tasks["exit-handler-1"].component_ref.name].dag
     assert "plan-arms" in handler.tasks and "prepare-prompts" in handler.tasks
     plan_inputs = handler.tasks["plan-arms"].inputs.parameters
-    for name in ("algorithms", "arm_overrides", "algorithm", "config", "epochs"):
+    for name in ("algorithms", "arm_overrides", "algorithm", "config", "epochs", "push_to_hub"):
         assert plan_inputs[name].component_input_parameter == f"pipelinechannel--{name}"
     for trainer in ("train", "train-multinode"):
         arm_component = _component_of(pipeline, trainer)
@@ -127,6 +127,7 @@ def test_arms_fan_out_over_the_plan_and_fan_in_to_one_report(specs):
         assert collect.inputs.artifacts["run"].task_output_artifact.producer_task == trainer
         shipped = next(t for n, t in arm_dag.tasks.items() if n.startswith("export"))
         assert shipped.inputs.artifacts["evaluations"].task_output_artifact.producer_task == ckpt_loop_name
+        assert shipped.inputs.parameters["algorithm"].component_input_parameter == "pipelinechannel--plan-arms-Output-loop-item"
         collect_name = next(n for n in arm_dag.tasks if n.startswith("collect-arm"))
         assert collect_name in shipped.dependent_tasks
 

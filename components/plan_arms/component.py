@@ -14,6 +14,7 @@ def plan_arms(
     base_model: str = "",
     reward: str = "",
     epochs: int = 0,
+    push_to_hub: str = "",
 ) -> list[str]:
     """Returns the arms for the training fan-out (`algorithms`, or the one `algorithm` / config algorithm); an
     unknown or repeated name, or an arm whose config does not validate, fails here with the field named."""
@@ -21,4 +22,4 @@ def plan_arms(
     from rewardtune.stages import param_overrides
 
     return plan(config, algorithm, algorithms, arm_overrides,
-                param_overrides(base_model=base_model, reward=reward, epochs=epochs))
+                param_overrides(base_model=base_model, reward=reward, epochs=epochs), push_to_hub)

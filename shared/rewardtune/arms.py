@@ -18,6 +18,7 @@ from rewardtune.errors import ConfigError
 
 ALGORITHMS: tuple[str, ...] = get_args(AlgorithmConfig.model_fields["name"].annotation)
 RUN, EVAL = "run", "eval"
+ARM_PLACEHOLDER = "{algorithm}"  # in push_to_hub: replaced by each arm's algorithm
 RUN_FILES = ("config.yaml", "metrics.jsonl")  # what the report reads from a training run
 
 
@@ -33,16 +34,23 @@ def arm_overrides(algorithm: str, per_arm: dict[str, list[str]] | None = None) -
     return sets + list((per_arm or {}).get(algorithm, []))
 
 
+def arm_repo_id(push_to_hub: str, algorithm: str) -> str:
+    """The hub repo an arm's export pushes to: `push_to_hub` with {algorithm} replaced (empty: no push)."""
+    return push_to_hub.replace(ARM_PLACEHOLDER, algorithm)
+
+
 def arm_run_id(run_id: str, algorithm: str) -> str:
     """One run directory (and TrainJob name) per arm, stable across retries of the same run; empty stays empty."""
     return f"{run_id}-{algorithm}" if run_id else ""
 
 
 def plan_arms(config: str, algorithm: str = "", algorithms: list[str] | None = None,
-              per_arm: dict[str, list[str]] | None = None, overrides: list[str] | None = None) -> list[str]:
+              per_arm: dict[str, list[str]] | None = None, overrides: list[str] | None = None,
+              push_to_hub: str = "") -> list[str]:
     """The arms to train, each checked by resolving its whole config; raises ConfigError naming the field.
 
-    No `algorithms`: one arm, `algorithm` or else the config's own (the single-algorithm DAG of before).
+    No `algorithms`: one arm, `algorithm` or else the config's own (the single-algorithm DAG of before). Every
+    arm exports its own model, so several arms may only push to the hub under per-arm names (`{algorithm}`).
     """
     from rewardtune.stages import resolve_config
 
@@ -64,6 +72,9 @@ def plan_arms(config: str, algorithm: str = "", algorithms: list[str] | None = N
     for name, sets in per_arm.items():
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
             raise ConfigError(f"arm_overrides.{name}: give a list of 'section.key=value' strings, got {sets!r}")
+    if len(arms) > 1 and push_to_hub and ARM_PLACEHOLDER not in push_to_hub:
+        raise ConfigError(f"push_to_hub: {len(arms)} arms would all push to '{push_to_hub}'; put {ARM_PLACEHOLDER} "
+                          f"in the repo id (e.g. '{push_to_hub}-{ARM_PLACEHOLDER}') so each arm gets its own")
     for name in arms:
         try:
             resolve_config(config, [*(overrides or []), *arm_overrides(name, per_arm)])
