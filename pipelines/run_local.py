@@ -1,14 +1,17 @@
 """Run the pipeline with kfp.local on the embedded default (2 CPU cores, no cluster, no Docker).
 
     python pipelines/run_local.py [--config configs/testbed.yaml] [--epochs N] [--root runs/kfp-local]
+        [--algorithms ddpo,tdpo_r] [--arms-from benchmarks/overopt/protocol.yaml]
 
 The embedded default is the overoptimization testbed (configs/testbed.yaml: the committed tiny model,
 trained on the learned proxy reward, judged on the gold rewards it never sees); `--config configs/tiny.yaml
 --model DIR` runs the random tiny model instead.
 
-Runs the whole alignment DAG — prepare-prompts -> cache-models -> train -> evaluate (per checkpoint,
-ParallelFor + Collected) -> report, inside the exit handler — with the kfp-kubernetes settings ignored
-(kfp.local has no cluster), the model cache in a local directory, and prints where the report is.
+Runs the whole alignment DAG — plan-arms, prepare-prompts, cache-models -> per algorithm (ParallelFor):
+train -> evaluate (per checkpoint, ParallelFor + Collected) -> collect-arm, export -> one report over the arms
+(Collected), inside the exit handler — with the kfp-kubernetes settings ignored (kfp.local has no cluster),
+the model cache in a local directory, and prints where the report is. `--arms-from` takes each algorithm's
+calibrated overrides (and CDPO's fidelity constraint) from a benchmark protocol's arms.
 """
 
 import argparse
@@ -29,14 +32,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from kfp import local  # noqa: E402
 
 from pipelines.alignment import alignment_pipeline  # noqa: E402
+from rewardtune.arms import plan_arms  # noqa: E402
+from rewardtune.errors import ConfigError  # noqa: E402
+from rewardtune.stages import param_overrides  # noqa: E402
 
 
-def local_config_text(config: Path, model_dir: Path | None = None) -> str:
-    """The config as YAML text with `model.source` replaced by `model_dir` when given; a relative source that
-    exists from the repository root is made absolute (component subprocesses run in their own cwd)."""
+def local_config_text(config: Path, model_dir: Path | None = None, sets: list[str] | None = None) -> str:
+    """The config as YAML text with `sets` (section.key=value) applied and `model.source` replaced by `model_dir`
+    when given; a relative source that exists from the repository root is made absolute (component subprocesses
+    run in their own cwd)."""
     import yaml
 
-    data = yaml.safe_load(config.read_text())
+    from rewardtune.config import apply_overrides
+
+    data = apply_overrides(yaml.safe_load(config.read_text()), list(sets or []))
     source = data["model"]["source"]
     if model_dir is not None:
         data["model"]["source"] = str(model_dir.resolve())
@@ -46,28 +55,54 @@ def local_config_text(config: Path, model_dir: Path | None = None) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config: Path = DEFAULT_CONFIG) -> tuple[Path, Path]:
-    """Run the alignment DAG under kfp.local; returns (the report's HTML file, the training run directory).
+def protocol_arm_overrides(protocol: Path, algorithms: list[str]) -> dict[str, list[str]]:
+    """Each algorithm's overrides from the protocol arm that runs it (its calibrated learning rate); CDPO also gets
+    the protocol's constraint E[fidelity] >= base - cdpo_fidelity_margin, as the benchmark gives it."""
+    from rewardtune.testbed.compare import FIDELITY
+    from rewardtune.testbed.protocol import load_protocol
+
+    p = load_protocol(protocol)
+    out = {}
+    for name in algorithms:
+        arm = next((a for a in p.arms if a.algorithm == name), None)
+        if arm is None:
+            raise ConfigError(f"--arms-from {protocol}: no arm runs {name}; its arms run {[a.algorithm for a in p.arms]}")
+        out[name] = list(arm.overrides)
+        if name == "cdpo":
+            out[name].append(f"algorithm.constraints=[{{reward: {{name: {FIDELITY}}}, relative_margin: {p.cdpo_fidelity_margin}}}]")
+    return out
+
+
+def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config: Path = DEFAULT_CONFIG,
+              algorithms: list[str] | None = None, arm_overrides: dict[str, list[str]] | None = None,
+              sets: list[str] | None = None) -> tuple[Path, list[Path]]:
+    """Run the alignment DAG under kfp.local; returns (the report's HTML file, the arms' training run directories).
 
     `model_dir`: a tiny model directory (built with `init-tiny` if missing) that replaces the config's model.
+    Arms train side by side (kfp.local runs at most 2 loop iterations at once), so each step gets the machine's
+    cores divided by the number of arms as torch threads rather than every process taking them all.
     """
     if model_dir is not None and not (model_dir / "model_index.json").is_file():
         from rewardtune.tiny import init_tiny
 
         init_tiny(model_dir)
     root = root.resolve()
+    if len(algorithms or []) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // min(2, len(algorithms)))))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    alignment_pipeline(config=local_config_text(config, model_dir), epochs=epochs, model_cache_uri=str(root / "model-cache"))
+    alignment_pipeline(config=local_config_text(config, model_dir, sets), epochs=epochs, model_cache_uri=str(root / "model-cache"),
+                       algorithms=list(algorithms or []), arm_overrides=dict(arm_overrides or {}))
     reports = sorted(root.rglob("html"), key=lambda p: p.stat().st_mtime)
     if not reports:
         raise RuntimeError(f"the pipeline finished but wrote no report under {root}")
-    run_dir = max((p.parent for p in root.rglob("metrics.jsonl")), key=lambda p: p.stat().st_mtime)
+    # the train steps' artifacts (collect-arm's copies sit in a folder named "run")
+    run_dirs = sorted(p.parent for p in root.rglob("checkpoints/metrics.jsonl"))
     # KFP names the artifact file "html"; a copy with a suffix opens in a browser by double-click.
     report = root / "report.html"
     tmp = report.with_suffix(".html.tmp")
     shutil.copyfile(reports[-1], tmp)
     tmp.replace(report)
-    return report, run_dir
+    return report, run_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +112,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace the config's model with this tiny model dir (built with init-tiny if missing)")
     parser.add_argument("--epochs", type=int, default=0, help="override training.epochs (0: the config's)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config")
+    parser.add_argument("--algorithms", default="", help="comma-separated arms trained side by side (default: the config's algorithm)")
+    parser.add_argument("--arms-from", type=Path, default=None, help="take each arm's overrides from this benchmark protocol")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the config for every arm, e.g. evaluation.num_heldout_prompts=8 (repeatable)")
     args = parser.parse_args(argv)
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    try:  # the DAG's plan-arms step checks the same, but a typo should not wait for kfp.local to start
+        overrides = protocol_arm_overrides(args.arms_from, algorithms) if args.arms_from else {}
+        plan_arms(local_config_text(args.config, args.model, args.sets), "", algorithms, overrides,
+                  param_overrides(epochs=args.epochs))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    report, run_dir = run_local(args.root, args.model, args.epochs, args.config)
+    report, run_dirs = run_local(args.root, args.model, args.epochs, args.config, algorithms, overrides, args.sets)
     # kfp.local may leave its indenting stdout wrapper installed; the summary goes to the real stdout.
     out = sys.__stdout__
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s", file=out)
     print(f"report: {report}", file=out)
-    print(f"run: {run_dir} (metrics.jsonl, checkpoints/)", file=out)
+    for run_dir in run_dirs:
+        print(f"run: {run_dir} (metrics.jsonl, checkpoints/)", file=out)
     print(f"all artifacts: {args.root}", file=out)
     return 0
 

@@ -96,6 +96,12 @@ def parse_params(items: list[str], package_path: Path = DEFAULT_PACKAGE) -> dict
             raise ScheduleError(f"--param {name}={raw}: must be >= {MIN_VALUES[name]}")
         if name.endswith("_image") and not IMAGE_REF.match(value):
             raise ScheduleError(f"--param {name}={raw}: must be a whole image reference, registry/name:tag")
+        if name == "algorithms":  # the DAG's plan-arms step checks it too, but only once the run has started
+            from rewardtune.arms import ALGORITHMS
+
+            unknown = [a for a in value if a not in ALGORITHMS]
+            if unknown:
+                raise ScheduleError(f"--param algorithms={raw}: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
         params[name] = value
     if "config" not in params:
         raise ScheduleError("--param config=... is required (YAML text, a path inside the image, or an s3:// URI)")

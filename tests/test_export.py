@@ -188,17 +188,18 @@ def test_push_to_hub_makes_the_create_and_upload_requests(lora_run, tmp_path, mo
         export_model(root / "run", root / "eval", "last", tmp_path / "q", push_to_hub="no-slash")
 
 
-def test_the_dag_exports_a_model_artifact_after_the_report():
+def test_the_dag_exports_a_model_artifact_per_arm_after_its_collect_arm():
     sys.path.insert(0, str(REPO))
     pipeline_doc, _ = yaml.safe_load_all((REPO / "pipelines" / "alignment.yaml").read_text())
-    # one export per training branch (single-node train, multi-node launcher), each after its own report
+    # one export per arm in each training branch (single-node train, multi-node launcher), after the arm's
+    # collect-arm (the report fans in over the arms, outside the arm loop, so nothing in the loop can follow it)
     exports = [(tasks[name], tasks) for c in pipeline_doc["components"].values()
                for tasks in [c.get("dag", {}).get("tasks", {})] for name in tasks if name.startswith("export")]
     assert len(exports) == 2
     for export, tasks in exports:
-        report = next(n for n in export["dependentTasks"] if n.startswith("report"))
+        collect = next(n for n in export["dependentTasks"] if n.startswith("collect-arm"))
         loop = export["inputs"]["artifacts"]["evaluations"]["taskOutputArtifact"]["producerTask"]
-        assert loop.startswith("for-loop") and loop == tasks[report]["inputs"]["artifacts"]["evaluations"][
+        assert loop.startswith("for-loop") and loop == tasks[collect]["inputs"]["artifacts"]["evaluations"][
             "taskOutputArtifact"]["producerTask"]
         outputs = pipeline_doc["components"][export["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
         assert outputs["model"]["artifactType"]["schemaTitle"] == "system.Model"

@@ -180,7 +180,8 @@ def test_multi_user_server_needs_a_namespace_and_uses_it(fake_kfp, tmp_path):
 @pytest.mark.parametrize("param,fragment", [
     ("gpus_per_node=abc", "must be an integer"), ("gpus_per_node=0", "must be >= 1"), ("num_nodes=2.5", "integer"),
     ("gpu_node_selector=abc", "must be a mapping"), ("trainer_image=0.1.0", "whole image reference"),
-    ("epochs=true", "integer"),
+    ("epochs=true", "integer"), ("algorithms=ddpo", "must be a list"), ("algorithms=[ddpo, grpo]", r"unknown \['grpo'\]"),
+    ("arm_overrides=[1]", "must be a mapping"),
 ])
 def test_param_types_are_checked_against_the_pipeline(param, fragment):
     with pytest.raises(schedule.ScheduleError, match=fragment):
@@ -192,6 +193,9 @@ def test_typed_params_pass_through():
                                     'gpu_node_selector={"nvidia.com/gpu.product": "NVIDIA-A100"}'])
     assert params == {"config": "c.yaml", "num_nodes": 4, "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100"},
                       "algorithm": "tdpo_r"}
+    arms = schedule.parse_params(["config=c.yaml", "algorithms=[ddpo, tdpo_r]",
+                                  'arm_overrides={tdpo_r: ["training.learning_rate=3e-3"]}'])
+    assert arms["algorithms"] == ["ddpo", "tdpo_r"] and arms["arm_overrides"] == {"tdpo_r": ["training.learning_rate=3e-3"]}
 
 
 @pytest.mark.parametrize("cron", ["0 0 99 * * *", "0 60 3 * * *", "61 0 3 * * *", "0 0 3 * 13 *", "0 0 3 * * 9"])

@@ -47,12 +47,16 @@ def test_compile_reproduces_committed_yaml(tmp_path):
 def test_parameters_and_stages(specs):
     pipeline, _ = specs
     params = set(pipeline.root.input_definitions.parameters)
-    assert {"config", "algorithm", "base_model", "reward", "epochs", "num_nodes", "gpus_per_node", "gpu_node_selector",
-            "trainer_image", "cpu_image", "checkpoint_pvc", "model_cache_pvc", "model_cache_uri"} <= params
+    assert {"config", "algorithm", "algorithms", "arm_overrides", "base_model", "reward", "epochs", "num_nodes",
+            "gpus_per_node", "gpu_node_selector", "trainer_image", "cpu_image", "checkpoint_pvc", "model_cache_pvc",
+            "model_cache_uri"} <= params
+    kinds = pipeline_spec_pb2.ParameterType.ParameterTypeEnum
+    assert pipeline.root.input_definitions.parameters["algorithms"].parameter_type == kinds.LIST
+    assert pipeline.root.input_definitions.parameters["arm_overrides"].parameter_type == kinds.STRUCT
     assert "image_tag" not in params
     execs = set(pipeline.deployment_spec.fields["executors"].struct_value.fields)
-    assert {f"exec-{s}" for s in ("prepare-prompts", "cache-models", "train", "train-multinode", "evaluate", "report",
-                                  "record-status")} <= execs
+    assert {f"exec-{s}" for s in ("plan-arms", "prepare-prompts", "cache-models", "train", "train-multinode", "evaluate",
+                                  "collect-arm", "report", "record-status")} <= execs
 
 
 def test_train_gpu_resources_retry_and_no_cache(specs):
@@ -71,20 +75,85 @@ def test_train_gpu_resources_retry_and_no_cache(specs):
     assert "pip install" not in " ".join(container["command"]) and "kfp.dsl.executor_main" in " ".join(container["command"])
 
 
-def test_fan_out_collect_and_exit_handler(specs):
+def _component_of(pipeline, task_name):
+    """The name of the DAG component that holds a task named `task_name`."""
+    return next(name for name, c in pipeline.components.items() if task_name in c.dag.tasks)
+
+
+def _loop(dag, items):
+    """The ParallelFor task of `dag` iterating over the parameter channel `items`."""
+    return next((n, t) for n, t in dag.tasks.items()
+                if t.WhichOneof("iterator") == "parameter_iterator" and t.parameter_iterator.items.input_parameter == items)
+
+
+def test_arms_fan_out_over_the_plan_and_fan_in_to_one_report(specs):
+    """Per training branch: ParallelFor over plan-arms' list -> train (algorithm = the loop item) -> ParallelFor over
+    its checkpoints -> evaluate, collect-arm (Collected evaluations), export; the report, outside the arm loop,
+    takes Collected collect-arm artifacts. The KFP 2.17 driver resolves a Collected input by walking the loop's
+    iteration DAGs 0..iteration_count-1 (backend/src/v2/driver/resolve.go, CollectInputs); its own test pipeline
+    test_data/sdk_compiled_pipelines/valid/collected_artifacts.py nests a ParallelFor and a Collected inside an
+    outer ParallelFor the same way."""
     pipeline, _ = specs
-    # one fan-out + report per training branch (kfp.local cannot select an artifact out of a dsl.OneOf)
+    # plan-arms sits in the exit handler, before both branches
+    handler = pipeline.components[pipeline.root.dag.tasks["exit-handler-1"].component_ref.name].dag
+    assert "plan-arms" in handler.tasks and "prepare-prompts" in handler.tasks
+    plan_inputs = handler.tasks["plan-arms"].inputs.parameters
+    for name in ("algorithms", "arm_overrides", "algorithm", "config", "epochs", "push_to_hub"):
+        assert plan_inputs[name].component_input_parameter == f"pipelinechannel--{name}"
     for trainer in ("train", "train-multinode"):
-        branch = next(c.dag for c in pipeline.components.values() if trainer in c.dag.tasks)
-        loop_name = next(n for n in branch.tasks if n.startswith("for-loop"))
-        loop = branch.tasks[loop_name]
-        assert loop.parameter_iterator.items.input_parameter == f"pipelinechannel--{trainer}-Output"
-        assert loop.iterator_policy.parallelism_limit == 2
+        arm_component = _component_of(pipeline, trainer)
+        arm_dag = pipeline.components[arm_component].dag
+        branch = pipeline.components[_component_of(pipeline, arm_component.replace("comp-", "", 1))].dag
+        arm_loop_name, arm_loop = _loop(branch, "pipelinechannel--plan-arms-Output")
+        assert arm_loop.component_ref.name == arm_component
+        assert arm_loop.parameter_iterator.item_input == "pipelinechannel--plan-arms-Output-loop-item"
+        assert arm_loop.iterator_policy.parallelism_limit == 0  # arms train concurrently on the cluster
+        bound = arm_dag.tasks[trainer].inputs.parameters
+        assert bound["algorithm"].component_input_parameter == "pipelinechannel--plan-arms-Output-loop-item"
+        assert bound["arm_overrides"].component_input_parameter == "pipelinechannel--arm_overrides"
+        assert bound["run_id"].runtime_value.constant.string_value == "{{$.pipeline_job_uuid}}"  # + arm in the step
+
+        ckpt_loop_name, ckpt_loop = _loop(arm_dag, f"pipelinechannel--{trainer}-Output")
+        assert ckpt_loop.iterator_policy.parallelism_limit == 2
+        # kfp.local 2.17 (orchestrator/task_spec_utils.py, create_parameter_loop_iteration_task_spec) gives every
+        # input of a loop task named *-loop-item the innermost loop's item: the per-checkpoint loop must not take
+        # the arm's name (evaluate reads the arm's algorithm from the run's config.yaml instead)
+        assert not any(name.endswith("-loop-item") for name in ckpt_loop.inputs.parameters)
+        ev_dag = pipeline.components[ckpt_loop.component_ref.name].dag
+        assert [t.component_ref.name.removeprefix("comp-").split("-")[0] for t in ev_dag.tasks.values()] == ["evaluate"]
+
+        collect = next(t for n, t in arm_dag.tasks.items() if n.startswith("collect-arm"))
+        assert collect.inputs.artifacts["evaluations"].task_output_artifact.producer_task == ckpt_loop_name
+        assert collect.inputs.artifacts["run"].task_output_artifact.producer_task == trainer
+        shipped = next(t for n, t in arm_dag.tasks.items() if n.startswith("export"))
+        assert shipped.inputs.artifacts["evaluations"].task_output_artifact.producer_task == ckpt_loop_name
+        assert shipped.inputs.parameters["algorithm"].component_input_parameter == "pipelinechannel--plan-arms-Output-loop-item"
+        collect_name = next(n for n in arm_dag.tasks if n.startswith("collect-arm"))
+        assert collect_name in shipped.dependent_tasks
+
         report = next(t for n, t in branch.tasks.items() if n.startswith("report"))
-        assert report.inputs.artifacts["evaluations"].task_output_artifact.producer_task == loop_name
-        assert report.inputs.artifacts["run"].task_output_artifact.producer_task == trainer
+        fan_in = report.inputs.artifacts["arms"].task_output_artifact
+        assert fan_in.producer_task == arm_loop_name
+        [selector] = arm_dag.outputs.artifacts[fan_in.output_artifact_key].artifact_selectors
+        assert (selector.producer_subtask, selector.output_artifact_key) == (collect_name, "arm")
     status = pipeline.root.dag.tasks["record-status"]
     assert status.trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
+
+
+def test_per_arm_steps_get_the_cluster_settings_of_their_stage(specs):
+    """Every arm's train pod is the same GPU pod (image, GPUs, PVCs, retries, no cache); the new per-arm and plan
+    steps are CPU pods with no GPU node, no secrets and no volumes."""
+    pipeline, executors = specs
+    containers = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
+    for name in ("exec-plan-arms", "exec-collect-arm", "exec-collect-arm-2", "exec-report", "exec-report-2"):
+        assert containers[name]["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--cpu_image']}}", name
+        assert "accelerator" not in containers[name]["container"].get("resources", {}), name
+        config = executors.get(name, k8s_pb2.KubernetesExecutorConfig())
+        assert not config.tolerations and not config.secret_as_env and not config.pvc_mount, name
+    assert containers["exec-train"]["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--trainer_image']}}"
+    assert [m.mount_path for m in executors["exec-train"].pvc_mount] == ["/mnt/checkpoints", "/mnt/model-cache"]
+    train = _dag_task(pipeline, "train")
+    assert not train.caching_options.enable_cache and train.retry_policy.max_retry_count == 3
 
 
 def test_kubernetes_executor_configs(specs):
@@ -164,8 +233,13 @@ def test_backend_rule_catches_the_old_tag_form():
 
 def test_multi_node_branch_launches_a_trainjob(specs):
     pipeline, executors = specs
+    def holds(component, task):  # the task sits in this component's DAG or a DAG nested in it
+        dag = pipeline.components[component].dag
+        return task in dag.tasks or any(holds(t.component_ref.name, task) for t in dag.tasks.values()
+                                        if pipeline.components[t.component_ref.name].WhichOneof("implementation") == "dag")
+
     branches = {t: next(n for c in pipeline.components.values() for n, task in c.dag.tasks.items()
-                        if n.startswith("condition-") and t in pipeline.components[task.component_ref.name].dag.tasks)
+                        if re.fullmatch(r"condition-\d+", n) and holds(task.component_ref.name, t))
                 for t in ("train", "train-multinode")}
     single, multi = (_dag_task(pipeline, branches[t]) for t in ("train", "train-multinode"))
     assert "num_nodes" in single.trigger_policy.condition and "== 1" in single.trigger_policy.condition

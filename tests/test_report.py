@@ -95,6 +95,9 @@ def test_comparison_mode_overlays_two_runs(two_runs, tmp_path):
     assert "<h3>A</h3>" in page and "<h3>B</h3>" in page
     assert {k.split(".", 1)[0] for k in headline} == {"A", "B"}
     assert headline["A.train_reward_base"] == headline["B.train_reward_base"]  # same base, prompts and seeds
+    table = page.split("<h3>All runs</h3>", 1)[1].split("</table>", 1)[0]  # the DAG's arms side by side: one table
+    assert [m for m in re.findall(r"<tr><td class=l>([^<]*)</td>", table)] == ["A", "B"]
+    assert f"<td>{headline['A.train_reward_gain']:.4g}</td>" in table
 
 
 def _chromium() -> str:

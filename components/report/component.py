@@ -1,24 +1,17 @@
-"""report: one HTML + Markdown report over the run and every evaluated checkpoint (CPU image); runs last."""
+"""report: one HTML + Markdown report over every arm and every evaluated checkpoint (CPU image); runs last."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Output
 
 from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def report(
-    run: Input[Model], evaluations: Input[list[Dataset]], html: Output[HTML], markdown: Output[Markdown], metrics: Output[Metrics]
-):
-    """Builds the report from the training run and the collected per-checkpoint evaluations; headline numbers
-    go to KFP Metrics so the UI shows them."""
-    import tempfile
+def report(arms: Input[list[Dataset]], html: Output[HTML], markdown: Output[Markdown], metrics: Output[Metrics]):
+    """Builds the report from the collected arms (collect-arm), plots overlaid; headline numbers go to KFP Metrics
+    so the UI shows them (prefixed by the arm's label when there are several)."""
+    from rewardtune.arms import arms_report
 
-    from rewardtune.report import build_report
-    from rewardtune.stages import merge_evaluations, run_label
-
-    with tempfile.TemporaryDirectory() as merged:
-        merge_evaluations([e.path for e in evaluations], merged)
-        headline = build_report([run.path], [merged], html.path, markdown.path, labels=[run_label(run.path)])
+    headline = arms_report([a.path for a in arms], html.path, markdown.path)
     for name, value in headline.items():
         metrics.log_metric(name, value)

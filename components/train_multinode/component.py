@@ -29,19 +29,24 @@ def train_multinode(
     reward: str = "",
     epochs: int = 0,
     model_cache_uri: str = "",
+    arm_overrides: dict = {},  # noqa: B006 - KFP parameter default
 ) -> list[str]:
-    """Returns the checkpoint names for the evaluation fan-out, like `train`."""
+    """Returns the checkpoint names for the evaluation fan-out, like `train` (one TrainJob per arm: the job name
+    comes from `<run_id>-<algorithm>`)."""
     import logging
 
+    from rewardtune.arms import arm_overrides as arm_sets
+    from rewardtune.arms import arm_run_id
     from rewardtune.multinode import launch_for_pipeline
     from rewardtune.stages import param_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = launch_for_pipeline(
-        config, prompts.path, checkpoints.path, workdir=workdir, run_id=run_id, image=trainer_image,
+        config, prompts.path, checkpoints.path, workdir=workdir, run_id=arm_run_id(run_id, algorithm), image=trainer_image,
         num_nodes=num_nodes, gpus_per_node=gpus_per_node, checkpoint_pvc=checkpoint_pvc,
         model_cache_pvc=model_cache_pvc, node_selector=node_selector, model_cache_uri=model_cache_uri,
-        overrides=param_overrides(algorithm=algorithm, base_model=base_model, reward=reward, epochs=epochs),
+        overrides=param_overrides(base_model=base_model, reward=reward, epochs=epochs)
+        + (arm_sets(algorithm, arm_overrides) if algorithm else []),
     )
     for name, value in result["final_metrics"].items():
         metrics.log_metric(name, value)

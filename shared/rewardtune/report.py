@@ -223,6 +223,22 @@ def indicators_table(run: RunData, ind: dict[str, Any]) -> str:
     return head + f"<table><tr><th class=l>unseen reward</th>{header}</tr>{rows}</table>"
 
 
+def arms_table(runs: list[RunData], indicators: list[dict[str, Any]]) -> str:
+    """Every run in one table (the DAG's arms side by side): training-reward gain and each unseen reward's change
+    at the final checkpoint and at the best-proxy checkpoint, held-out prompts."""
+    unseen = list(dict.fromkeys(name for ind in indicators for name in ind["unseen"]))
+    header = "".join(f"<th>{html.escape(n)} change (final)</th><th>{html.escape(n)} change (best proxy)</th>" for n in unseen)
+    rows = ""
+    for run, ind in zip(runs, indicators, strict=True):
+        cells = "".join(f"<td>{_fmt(ind['unseen'].get(n, {}).get('change_final'))}</td>"
+                        f"<td>{_fmt(ind['unseen'].get(n, {}).get('gold_at_best_proxy_change'))}</td>" for n in unseen)
+        rows += (f"<tr><td class=l>{html.escape(run.label)}</td><td>{_fmt(ind['train_base'])}</td>"
+                 f"<td>{_fmt(ind['train_final'])}</td><td>{_fmt(ind['train_gain_final'])}</td>"
+                 f"<td class=l>{html.escape(ind['best_proxy_checkpoint'])}</td>{cells}</tr>")
+    return ("<table><tr><th class=l>run</th><th>train reward base</th><th>final</th><th>gain</th>"
+            f"<th class=l>best-proxy ckpt</th>{header}</tr>{rows}</table>")
+
+
 def definitions_html() -> str:
     items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(' '.join(text.split()))}</dd>"
                     for name, text in DEFINITIONS.items())
@@ -316,6 +332,8 @@ def build_report(
     body = [f"<h1>{html.escape(title)}</h1>"]
     body.append("<h2>Held-out evaluation</h2>" + "".join(_notes(run) for run in runs[:1]) + heldout_curves(runs))
     body.append("<h2>Overoptimization indicators</h2>")
+    if len(runs) > 1:
+        body.append("<h3>All runs</h3>" + arms_table(runs, indicators))
     for run, ind in zip(runs, indicators, strict=True):
         body.append(f"<h3>{html.escape(run.label)}</h3>" + indicators_table(run, ind))
     body.append("<h3>Definitions</h3>" + definitions_html())
