@@ -24,7 +24,7 @@ CDPO_SETS = ["algorithm.constraints=[{reward: {name: testbed_fidelity}, relative
 
 
 def test_the_algorithms_are_the_configs_own():
-    assert ALGORITHMS == ("ddpo", "tdpo", "tdpo_r", "cdpo")
+    assert ALGORITHMS == ("ddpo", "grpo", "tdpo", "tdpo_r", "cdpo")
 
 
 def test_no_algorithms_is_one_arm_the_parameter_or_the_configs():
@@ -38,7 +38,7 @@ def test_arms_keep_their_order_and_each_resolves():
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [
-    ({"algorithms": ["ddpo", "grpo"]}, re.escape("algorithms: unknown algorithm 'grpo'; choose from ddpo, tdpo, tdpo_r, cdpo")),
+    ({"algorithms": ["ddpo", "ppo"]}, re.escape("algorithms: unknown algorithm 'ppo'; choose from ddpo, grpo, tdpo, tdpo_r, cdpo")),
     ({"algorithms": ["ddpo", 3]}, "algorithms: unknown algorithm 3"),
     ({"algorithm": "ppo"}, "algorithm: unknown algorithm 'ppo'"),
     ({"algorithms": ["ddpo", "ddpo"]}, "names an algorithm twice"),

@@ -180,7 +180,7 @@ def test_multi_user_server_needs_a_namespace_and_uses_it(fake_kfp, tmp_path):
 @pytest.mark.parametrize("param,fragment", [
     ("gpus_per_node=abc", "must be an integer"), ("gpus_per_node=0", "must be >= 1"), ("num_nodes=2.5", "integer"),
     ("gpu_node_selector=abc", "must be a mapping"), ("trainer_image=0.1.0", "whole image reference"),
-    ("epochs=true", "integer"), ("algorithms=ddpo", "must be a list"), ("algorithms=[ddpo, grpo]", r"unknown \['grpo'\]"),
+    ("epochs=true", "integer"), ("algorithms=ddpo", "must be a list"), ("algorithms=[ddpo, ppo]", r"unknown \['ppo'\]"),
     ("arm_overrides=[1]", "must be a mapping"),
 ])
 def test_param_types_are_checked_against_the_pipeline(param, fragment):
