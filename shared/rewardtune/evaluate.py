@@ -334,6 +334,7 @@ class Evaluator:
 
     def load(self, name: str) -> None:
         """Put checkpoint `name`'s policy weights into the denoiser (base: adapters off; full fine-tuning: base first)."""
+        from rewardtune.families.flow import load_flow_policy_weights
         from rewardtune.models import load_policy_weights
 
         if name == self.loaded:
@@ -350,10 +351,8 @@ class Evaluator:
                 model.enable_adapters()
             if self.family is None:
                 load_policy_weights(model, self.cfg.model, path)
-            elif lora:
-                self.family.load_lora(path)
             else:
-                model.load_state_dict(type(model).from_pretrained(path / "transformer").state_dict())
+                load_flow_policy_weights(self.family, self.cfg.model.finetune, path)
         self.loaded = name
 
     @torch.no_grad()

@@ -158,16 +158,18 @@ def _load_policy(cfg: Any, checkpoint: Path | None):
     from rewardtune.models import load_pipeline, load_policy_weights, prepare_policy, resolve_model_dir
 
     if cfg.model.family != "sd":
-        from rewardtune.families.flow import FlowFamily, load_flow_pipeline, prepare_flow_policy
+        from rewardtune.families.flow import (
+            FlowFamily,
+            load_flow_pipeline,
+            load_flow_policy_weights,
+            prepare_flow_policy,
+        )
 
         pipe = load_flow_pipeline(resolve_model_dir(cfg.model.source, cfg.model.revision, cfg.model.family), cfg.model.family)
         if checkpoint is None:
             return pipe
         prepare_flow_policy(pipe, cfg.model, torch.device("cpu"), gradient_checkpointing=False)
-        if cfg.model.finetune == "lora":
-            FlowFamily(pipe).load_lora(checkpoint)
-        else:
-            pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(checkpoint / "transformer").state_dict())
+        load_flow_policy_weights(FlowFamily(pipe), cfg.model.finetune, checkpoint)
         pipe.transformer.requires_grad_(False).eval()
         return pipe
     pipe = load_pipeline(cfg.model)

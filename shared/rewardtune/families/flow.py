@@ -206,6 +206,15 @@ class FlowFamily:
         load_lora_state(self.pipe.transformer, Path(directory), "transformer")
 
 
+def load_flow_policy_weights(family: FlowFamily, finetune: str, path: Path) -> None:
+    """A checkpoint's policy into the family's transformer: its diffusers LoRA file, or the full `transformer/`."""
+    if finetune == "lora":
+        family.load_lora(path)
+    else:
+        model = family.pipe.transformer
+        model.load_state_dict(type(model).from_pretrained(Path(path) / "transformer").state_dict())
+
+
 def load_flow_pipeline(location: str | Path, family: str, with_t5: bool = True):
     """Load an SD3 or FLUX pipeline directory offline; `with_t5=False` drops T5 (SD3 pads with zeros)."""
     if family not in ("sd3", "flux"):

@@ -123,12 +123,12 @@ class Checkpoints:
     def _load_policy_weights(self, path: Path) -> None:
         run = self.run
         model = run.policy
-        if not run.is_flow:
-            load_policy_weights(model, run.cfg.model, path)
-        elif run.cfg.model.finetune == "lora":
-            run.family.load_lora(path)
+        if run.is_flow:
+            from rewardtune.families.flow import load_flow_policy_weights
+
+            load_flow_policy_weights(run.family, run.cfg.model.finetune, path)
         else:
-            model.load_state_dict(type(model).from_pretrained(path / "transformer").state_dict())
+            load_policy_weights(model, run.cfg.model, path)
 
     def save(self, kind: str = "regular") -> Path | None:
         run = self.run
