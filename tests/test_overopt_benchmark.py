@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from rewardtune.testbed.benchmark import GOLD_CONTROL, SHUFFLED_CONTROL, analyze, markdown, plan, run_metrics
+from rewardtune.testbed.benchmark import (
+    GOLD_CONTROL,
+    SHUFFLED_CONTROL,
+    analyze,
+    markdown,
+    plan,
+    run_metrics,
+    train_summary,
+)
 from rewardtune.testbed.protocol import load_protocol, smoke
 from rewardtune.testbed.stats import FAIL, NO_VERDICT, PASS
 
@@ -59,6 +67,16 @@ def test_run_metrics_by_hand():
     assert m["reached"] and m["final_gold_gain"] == pytest.approx(-0.2 * 0.12)
     assert m["gold_at_gain_interpolated"] == pytest.approx(-0.01)
     assert m["sqrt_kl"] == pytest.approx([0.0, 0.2, 0.4])
+
+
+def test_train_summary_explained_variance_before_the_first_reset():
+    evs = [0.0, 0.2, -0.1, 0.3, 0.4, 0.1, 0.9]
+    records = [{"epoch": e, "approx_kl": 0.01, "clipfrac": 0.1, "global_step": 20 * (e + 1), "reset": e == 5,
+                "value_explained_variance": v} for e, v in enumerate(evs)]
+    s = train_summary(records)
+    assert s["explained_variance_before_reset"] == pytest.approx(0.1)  # epoch 5, the reset epoch
+    assert s["explained_variance_before_reset_mean"] == pytest.approx((-0.1 + 0.3 + 0.4 + 0.1) / 4)  # epochs 2-5
+    assert s["optimizer_steps_per_epoch"] == 20
 
 
 def test_analysis_verdicts_and_gates_on_hand_built_runs():
