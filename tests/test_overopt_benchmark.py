@@ -116,6 +116,17 @@ def test_bad_protocol_is_one_line_error(tmp_path):
     assert out.returncode == 2 and "baseline" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_benchmark_continues_only_with_its_thread_count(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "execution.json").write_text(json.dumps({"threads": 2}))  # as a benchmark started with 2 threads leaves it
+    base = [sys.executable, "-m", "rewardtune.cli", "testbed", "benchmark", "--protocol", str(PROTOCOL), "--out", str(out)]
+    for extra, needle in ((["--threads", "1"], "--threads 2"), (["--threads", "0"], "at least 1 torch thread")):
+        res = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (out / "runs").exists()  # refused before any run started
+
+
 @pytest.mark.slow
 def test_smoke_benchmark_end_to_end_and_resumes(tmp_path):
     """`--smoke`: every arm and control trains, evaluates and is analysed; a rerun finds every run finished."""

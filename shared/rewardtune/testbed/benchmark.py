@@ -446,8 +446,12 @@ def _cached(path: Path, compute) -> Any:
     return value
 
 
-def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: bool = False) -> dict[str, Any]:
-    """Run (or continue) every run of the protocol, the gate measurements, the analysis and the reports."""
+def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: bool = False,
+              threads: int | None = None) -> dict[str, Any]:
+    """Run (or continue) every run of the protocol, the gate measurements, the analysis and the reports.
+
+    `threads` per run defaults to the CPU count split between the jobs; a run's numbers depend on it, so
+    a benchmark continues only with the thread count it started with (execution.json)."""
     import torch
 
     from rewardtune.testbed.compare import write_prompts
@@ -463,11 +467,18 @@ def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: b
 
         raise RewardtuneError(f"--out {out} holds a benchmark of a different protocol; use a new --out directory")
     write_text_atomic(stored, p.model_dump_json(indent=1))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    execution = out / "execution.json"
+    if execution.is_file() and (started := json.loads(execution.read_text())["threads"]) != threads:
+        from rewardtune.errors import RewardtuneError
+
+        raise RewardtuneError(f"--out {out} was started with {started} torch thread(s) per run; continue it with "
+                              f"--threads {started} (a run's numbers depend on the thread count)")
+    write_text_atomic(execution, json.dumps({"threads": threads}))
     prompts_dir = write_prompts(out / "prompts")
     runs = plan(p)
     for spec in runs:  # every config is valid before anything runs
         run_config(p, spec, prompts_dir)
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     start = time.perf_counter()
     done = {s.name: json.loads((out / "runs" / s.name / "result.json").read_text())
             for s in runs if (out / "runs" / s.name / "result.json").is_file()}
