@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from rewardtune.testbed.benchmark import GOLD_CONTROL, SHUFFLED_CONTROL, analyze, markdown, plan, run_metrics
+from rewardtune.testbed.benchmark import (
+    GOLD_CONTROL,
+    SHUFFLED_CONTROL,
+    analyze,
+    markdown,
+    plan,
+    run_metrics,
+    train_summary,
+)
 from rewardtune.testbed.protocol import load_protocol, smoke
 from rewardtune.testbed.stats import FAIL, NO_VERDICT, PASS
 
@@ -61,9 +69,20 @@ def test_run_metrics_by_hand():
     assert m["sqrt_kl"] == pytest.approx([0.0, 0.2, 0.4])
 
 
+def test_train_summary_explained_variance_before_the_first_reset():
+    evs = [0.0, 0.2, -0.1, 0.3, 0.4, 0.1, 0.9]
+    records = [{"epoch": e, "approx_kl": 0.01, "clipfrac": 0.1, "global_step": 20 * (e + 1), "reset": e == 5,
+                "value_explained_variance": v} for e, v in enumerate(evs)]
+    s = train_summary(records)
+    assert s["explained_variance_before_reset"] == pytest.approx(0.1)  # epoch 5, the reset epoch
+    assert s["explained_variance_before_reset_mean"] == pytest.approx((-0.1 + 0.3 + 0.4 + 0.1) / 4)  # epochs 2-5
+    assert s["optimizer_steps_per_epoch"] == 20
+
+
 def test_analysis_verdicts_and_gates_on_hand_built_runs():
     seeds = [0, 1, 2, 3]
-    p = _protocol(seeds=seeds)
+    primary = {**load_protocol(PROTOCOL).primary.model_dump(), "proxy_gain": 0.05, "sesoi_fraction": 0.2}
+    p = _protocol(seeds=seeds, primary=primary)  # the numbers below are derived at +0.05, SESOI 0.01
     records = []
     for s in seeds:
         records.append(_record("ddpo", s, -0.2))
@@ -95,6 +114,17 @@ def test_bad_protocol_is_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rewardtune.cli", "testbed", "benchmark", "--protocol", str(bad),
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "baseline" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_benchmark_continues_only_with_its_thread_count(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "execution.json").write_text(json.dumps({"threads": 2}))  # as a benchmark started with 2 threads leaves it
+    base = [sys.executable, "-m", "rewardtune.cli", "testbed", "benchmark", "--protocol", str(PROTOCOL), "--out", str(out)]
+    for extra, needle in ((["--threads", "1"], "--threads 2"), (["--threads", "0"], "at least 1 torch thread")):
+        res = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (out / "runs").exists()  # refused before any run started
 
 
 @pytest.mark.slow

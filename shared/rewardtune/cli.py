@@ -166,7 +166,9 @@ def _cmd_testbed_benchmark(args: argparse.Namespace) -> None:
 
     if args.jobs < 1:
         raise RewardtuneError(f"--jobs {args.jobs}: give at least 1 parallel run")
-    benchmark(args.protocol, args.out, jobs=args.jobs, use_smoke=args.smoke)
+    if args.threads is not None and args.threads < 1:
+        raise RewardtuneError(f"--threads {args.threads}: give at least 1 torch thread per run")
+    benchmark(args.protocol, args.out, jobs=args.jobs, use_smoke=args.smoke, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="runs/, evals/, gates/, results.{json,md,html}")
     bench.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (CPU threads are split between them)")
     bench.add_argument("--smoke", action="store_true", help="2 seeds, 4 epochs, a few prompts: a machinery check, no verdict")
+    bench.add_argument("--threads", type=int, help="torch threads per run (default: CPU count / jobs; fixed for an --out)")
     bench.set_defaults(func=_cmd_testbed_benchmark)
     return parser
 

@@ -82,8 +82,13 @@ def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
 
 
 # ------------------------------------------------------------------------------------------- one run
+EV_WINDOW = 4  # epochs averaged for the critic's explained variance before its first reset
+
+
 def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The calibration indicators of one run from its metrics.jsonl records."""
+    """The calibration indicators of one run from its metrics.jsonl records. One epoch's explained variance
+    rests on 16 trajectories (sd ~0.2 between epochs), so the mean over the last EV_WINDOW epochs before
+    the first reset is reported next to the last epoch's."""
     first_reset = next((r["epoch"] for r in records if r.get("reset")), None)
     before = [r for r in records if first_reset is None or r["epoch"] <= first_reset]
     ev = [r["value_explained_variance"] for r in before if r.get("value_explained_variance") is not None]
@@ -94,6 +99,7 @@ def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "approx_kl": kl, "clipfrac": [r["clipfrac"] for r in records],
         "median_approx_kl": float(np.median(kl)) if kl else None,
         "explained_variance_before_reset": ev[-1] if ev else None,
+        "explained_variance_before_reset_mean": float(np.mean(ev[-EV_WINDOW:])) if ev else None,
         "explained_variance": [r.get("value_explained_variance") for r in records],
         "optimizer_steps_per_epoch": records[0]["global_step"] if records else None,
         "train_constraint": [r.get("constraint_testbed_fidelity") for r in records],
@@ -227,7 +233,8 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
             entry[key] = {"mean": float(np.mean(vals)) if vals else None,
                           "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals)}
         train = [r["train"] for r in runs.values()]
-        for key in ("epoch0_approx_kl", "epoch0_clipfrac", "median_approx_kl", "explained_variance_before_reset"):
+        for key in ("epoch0_approx_kl", "epoch0_clipfrac", "median_approx_kl", "explained_variance_before_reset",
+                    "explained_variance_before_reset_mean"):
             vals = [t[key] for t in train if t.get(key) is not None]
             entry[key] = float(np.median(vals)) if vals else None
         thresholds = [(t["threshold"], t["train_constraint"][-1]) for t in train if t.get("threshold") is not None]
@@ -321,11 +328,13 @@ def markdown(res: dict[str, Any], meta: dict[str, Any]) -> str:
                      f"{_f(e['diversity_at_gain'], 4)} | {cm['heldout']}/{cm['of']}" + (f" (train {cm['train']}/{cm['of']})" if cm["train"] is not None else "")
                      + f" | {fit_s} |")
     lines += ["", "## Regime (calibration indicators, medians over runs)", "",
-              "| arm | epoch-0 approx_kl | epoch-0 clipfrac | median approx_kl | critic EV before 1st reset |", "|---|---|---|---|---|"]
+              "| arm | epoch-0 approx_kl | epoch-0 clipfrac | median approx_kl | critic EV before 1st reset "
+              f"(last epoch; mean of {EV_WINDOW}) |", "|---|---|---|---|---|"]
     for a in arms + [GOLD_CONTROL, SHUFFLED_CONTROL]:
         e = res["arms"].get(a)
         if e:
-            lines.append(f"| {a} | {_f(e['epoch0_approx_kl'], 4)} | {_f(e['epoch0_clipfrac'])} | {_f(e['median_approx_kl'], 5)} | {_f(e['explained_variance_before_reset'])} |")
+            lines.append(f"| {a} | {_f(e['epoch0_approx_kl'], 4)} | {_f(e['epoch0_clipfrac'])} | {_f(e['median_approx_kl'], 5)} | {_f(e['explained_variance_before_reset'])}; "
+                         f"{_f(e.get('explained_variance_before_reset_mean'))} |")
     if bon:
         lines += ["", "## Best-of-n with the proxy on base samples", "", "| n | KL = log n − (n−1)/n | √KL | proxy gain | gold gain |", "|---|---|---|---|---|"]
         lines += [f"| {r['n']} | {r['kl']:.4f} | {math.sqrt(r['kl']):.4f} | {r['proxy_gain']:+.4f} | {r['gold_gain']:+.4f} |" for r in bon]
@@ -437,8 +446,12 @@ def _cached(path: Path, compute) -> Any:
     return value
 
 
-def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: bool = False) -> dict[str, Any]:
-    """Run (or continue) every run of the protocol, the gate measurements, the analysis and the reports."""
+def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: bool = False,
+              threads: int | None = None) -> dict[str, Any]:
+    """Run (or continue) every run of the protocol, the gate measurements, the analysis and the reports.
+
+    `threads` per run defaults to the CPU count split between the jobs; a run's numbers depend on it, so
+    a benchmark continues only with the thread count it started with (execution.json)."""
     import torch
 
     from rewardtune.testbed.compare import write_prompts
@@ -454,11 +467,18 @@ def benchmark(protocol: str | Path, out: str | Path, jobs: int = 1, use_smoke: b
 
         raise RewardtuneError(f"--out {out} holds a benchmark of a different protocol; use a new --out directory")
     write_text_atomic(stored, p.model_dump_json(indent=1))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    execution = out / "execution.json"
+    if execution.is_file() and (started := json.loads(execution.read_text())["threads"]) != threads:
+        from rewardtune.errors import RewardtuneError
+
+        raise RewardtuneError(f"--out {out} was started with {started} torch thread(s) per run; continue it with "
+                              f"--threads {started} (a run's numbers depend on the thread count)")
+    write_text_atomic(execution, json.dumps({"threads": threads}))
     prompts_dir = write_prompts(out / "prompts")
     runs = plan(p)
     for spec in runs:  # every config is valid before anything runs
         run_config(p, spec, prompts_dir)
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     start = time.perf_counter()
     done = {s.name: json.loads((out / "runs" / s.name / "result.json").read_text())
             for s in runs if (out / "runs" / s.name / "result.json").is_file()}
