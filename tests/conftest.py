@@ -36,6 +36,20 @@ def tiny_config_dict(model_dir: Path, **sections) -> dict:
     return data
 
 
+def one_epoch_lora_dict(model_dir: Path, keep_last: int = 1, **sections) -> dict:
+    """The smallest real training run: 1 epoch of LoRA DDPO on the tiny model, 2 steps, 2 images; `sections`
+    are merged over it one level deep (the corpus the bad-input, reliability and fuzz tests damage)."""
+    base: dict = {
+        "model": {"finetune": "lora"},
+        "sampling": {"num_steps": 2, "batch_size": 2, "batches_per_epoch": 1},
+        "training": {"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
+        "checkpointing": {"every_epochs": 1, "keep_last": keep_last},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return tiny_config_dict(model_dir, **base)
+
+
 @pytest.fixture(scope="session")
 def tiny_rewards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """{reward name: source dir} of tiny reward models, built by the same code as `init-tiny --rewards-out`."""

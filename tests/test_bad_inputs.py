@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from tests.cli_runner import run_cli
-from tests.conftest import tiny_config_dict
+from tests.conftest import one_epoch_lora_dict
 
 
 @dataclass
@@ -72,13 +72,7 @@ def ctx(tmp_path_factory, tiny_model_dir) -> Ctx:
     from rewardtune.rewards.tiny import init_tiny_rewards
 
     root = tmp_path_factory.mktemp("bad")
-    data = tiny_config_dict(
-        tiny_model_dir,
-        model={"finetune": "lora"},
-        sampling={"num_steps": 2, "batch_size": 2, "batches_per_epoch": 1},
-        training={"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
-        checkpointing={"every_epochs": 1, "keep_last": 1},
-    )
+    data = one_epoch_lora_dict(tiny_model_dir)
     config = root / "base.yaml"
     config.write_text(yaml.safe_dump(data))
     run = root / "run"

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from rewardtune.checkpoint import MANIFEST, list_checkpoints, sha256_file, verify_checkpoint
 from rewardtune.metrics import MetricsLog
 from tests.cli_inproc import run_main
-from tests.conftest import tiny_config_dict
+from tests.conftest import one_epoch_lora_dict
 
 LONG = os.environ.get("RT_FUZZ_PROFILE", "default") == "long"
 SCALE = int(os.environ.get("RT_FUZZ_SCALE", "25")) if LONG else 1
@@ -114,12 +114,9 @@ def base(tmp_path_factory, tiny_model_dir, tiny_rewards) -> dict[str, Any]:
     from rewardtune.config import parse_config
 
     root = tmp_path_factory.mktemp("fuzz")
-    data = tiny_config_dict(
+    data = one_epoch_lora_dict(
         tiny_model_dir,
-        model={"finetune": "lora"},
-        sampling={"num_steps": 2, "batch_size": 2, "batches_per_epoch": 1},
-        training={"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
-        checkpointing={"every_epochs": 1, "keep_last": 2},
+        keep_last=2,
         evaluation={"num_heldout_prompts": 2, "num_train_prompts": 0, "images_per_prompt": 1, "batch_size": 2,
                     "grid_prompts": 1},
     )

@@ -30,7 +30,7 @@ from rewardtune.errors import RewardtuneError
 from rewardtune.metrics import MetricsLog
 from rewardtune.safe_paths import current_umask
 from tests.cli_inproc import run_main
-from tests.conftest import tiny_config_dict
+from tests.conftest import one_epoch_lora_dict
 from tests.test_cache import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 
@@ -99,13 +99,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, tiny_model_dir) -> Ctx:
     root = tmp_path_factory.mktemp("rel2")
-    data = tiny_config_dict(
-        tiny_model_dir,
-        model={"finetune": "lora"},
-        sampling={"num_steps": 2, "batch_size": 2, "batches_per_epoch": 1},
-        training={"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3},
-        checkpointing={"every_epochs": 1, "keep_last": 3},
-    )
+    data = one_epoch_lora_dict(tiny_model_dir, keep_last=3, training={"learning_rate": 1e-3})
     config = root / "base.yaml"
     config.write_text(yaml.safe_dump(data))
     c = Ctx(root, data, config, root / "run")
