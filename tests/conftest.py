@@ -21,6 +21,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+def merge_sections(data: dict, sections: dict) -> dict:
+    """`sections` merged into the config dict `data` one level deep (a mapping updates its section, anything
+    else replaces it); returns `data`."""
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name].update(value)
+        else:
+            data[name] = dict(value) if isinstance(value, dict) else value
+    return data
+
+
 def tiny_config_dict(model_dir: Path, **sections) -> dict:
     """configs/tiny.yaml pointed at `model_dir`, with sections merged in (one level deep)."""
     import yaml
@@ -28,12 +39,7 @@ def tiny_config_dict(model_dir: Path, **sections) -> dict:
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     data["model"]["source"] = str(model_dir)
     data.setdefault("logging", {})["progress_bars"] = False
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(name, {}).update(values)
-        else:
-            data[name] = values
-    return data
+    return merge_sections(data, sections)
 
 
 def one_epoch_lora_dict(model_dir: Path, keep_last: int = 1, **sections) -> dict:
@@ -45,9 +51,7 @@ def one_epoch_lora_dict(model_dir: Path, keep_last: int = 1, **sections) -> dict
         "training": {"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
         "checkpointing": {"every_epochs": 1, "keep_last": keep_last},
     }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return tiny_config_dict(model_dir, **base)
+    return tiny_config_dict(model_dir, **merge_sections(base, sections))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from tests.cli_runner import run_cli
-from tests.conftest import one_epoch_lora_dict
+from tests.conftest import merge_sections, one_epoch_lora_dict
 
 
 @dataclass
@@ -38,12 +38,7 @@ class Ctx:
         return path
 
     def config_with(self, name: str, **sections: object) -> Path:
-        data = yaml.safe_load(yaml.safe_dump(self.data))
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key].update(value)
-            else:
-                data[key] = value
+        data = merge_sections(yaml.safe_load(yaml.safe_dump(self.data)), sections)
         return self.write(f"{name}.yaml", yaml.safe_dump(data))
 
     def train(self, *overrides: str, config: Path | None = None, out: Path | None = None) -> list[str]:

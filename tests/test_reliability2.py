@@ -30,7 +30,7 @@ from rewardtune.errors import RewardtuneError
 from rewardtune.metrics import MetricsLog
 from rewardtune.safe_paths import current_umask
 from tests.cli_inproc import run_main
-from tests.conftest import one_epoch_lora_dict
+from tests.conftest import merge_sections, one_epoch_lora_dict
 from tests.test_cache import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 
@@ -77,12 +77,7 @@ class Ctx:
     run: Path  # a finished 1-epoch LoRA DDPO run of `config` (lr 1e-3)
 
     def config_with(self, name: str, **sections) -> Path:
-        data = yaml.safe_load(yaml.safe_dump(self.data))
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key].update(value)
-            else:
-                data[key] = value
+        data = merge_sections(yaml.safe_load(yaml.safe_dump(self.data)), sections)
         path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
