@@ -226,6 +226,7 @@ def test_launcher_creates_then_waits_until_complete(caplog):
     api = FakeCustomObjects(script=[_status(active=0), _status(active=2), _status(active=2), _status("Complete")])
     assert ensure_trainjob(api, body) == "created"
     with caplog.at_level(logging.INFO, logger="rewardtune.trainjob"):
+        caplog.clear()  # an earlier test may have left the logger at INFO, so "created" was captured too
         done = wait_trainjob(api, "rewardtune", body["metadata"]["name"], sleep=lambda s: None)
     assert done["status"]["conditions"][0]["type"] == "Complete"
     progress = [r.getMessage() for r in caplog.records]
