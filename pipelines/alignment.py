@@ -122,6 +122,7 @@ def alignment_pipeline(
     checkpoint_pvc: str = "rewardtune-checkpoints",
     model_cache_pvc: str = "rewardtune-model-cache",
     model_cache_uri: str = CACHE_MOUNT,
+    checkpoint_dir: str = CHECKPOINT_MOUNT,
     export_select: str = "best-heldout",
     push_to_hub: str = "",
 ):
@@ -133,7 +134,8 @@ def alignment_pipeline(
     Each arm exports its own model; with several arms `push_to_hub` must hold `{algorithm}` (one repo per arm).
 
     `model_cache_uri` is where cache-models writes and train/evaluate read: the mounted cache PVC (default) or an
-    s3:// prefix. `num_nodes` > 1 needs a ReadWriteMany `checkpoint_pvc` and the TrainingRuntime in manifests/.
+    s3:// prefix. `checkpoint_dir` is where train keeps each arm's run so that a retried pod resumes it: the checkpoint
+    PVC's mount (default; on a cluster keep it there or below it) or, under kfp.local, a local directory. `num_nodes` > 1 needs a ReadWriteMany `checkpoint_pvc` and the TrainingRuntime in manifests/.
     """
     status = record_status()
     _image(status, cpu_image)
@@ -156,7 +158,7 @@ def alignment_pipeline(
                 trained = train(
                     config=config, prompts=prep.outputs["prompts"], algorithm=arm, arm_overrides=arm_overrides,
                     base_model=base_model, reward=reward, epochs=epochs, num_gpus=gpus_per_node,
-                    workdir=CHECKPOINT_MOUNT, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, model_cache_uri=model_cache_uri,
+                    workdir=checkpoint_dir, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, model_cache_uri=model_cache_uri,
                 ).after(cache)
                 _image(trained, trainer_image)
                 # A retried pod finds its checkpoints on the PVC and resumes; a cached result would skip training.
@@ -174,7 +176,7 @@ def alignment_pipeline(
                 launched = train_multinode(
                     config=config, prompts=prep.outputs["prompts"], trainer_image=trainer_image, num_nodes=num_nodes,
                     gpus_per_node=gpus_per_node, node_selector=gpu_node_selector, checkpoint_pvc=checkpoint_pvc,
-                    model_cache_pvc=model_cache_pvc, workdir=CHECKPOINT_MOUNT, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    model_cache_pvc=model_cache_pvc, workdir=checkpoint_dir, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     algorithm=arm, arm_overrides=arm_overrides, base_model=base_model, reward=reward, epochs=epochs,
                     model_cache_uri=model_cache_uri,
                 ).after(cache)

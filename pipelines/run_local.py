@@ -1,7 +1,8 @@
 """Run the pipeline with kfp.local on the embedded default (2 CPU cores, no cluster, no Docker).
 
     python pipelines/run_local.py [--config configs/testbed.yaml] [--epochs N] [--root runs/kfp-local]
-        [--algorithms ddpo,tdpo_r] [--arms-from benchmarks/overopt/protocol.yaml]
+        [--algorithms ddpo,tdpo_r] [--arms-from benchmarks/overopt/protocol.yaml] [--set KEY=VALUE]
+        [--arm-set ALGORITHM:KEY=VALUE]
 
 The embedded default is the overoptimization testbed (configs/testbed.yaml: the committed tiny model,
 trained on the learned proxy reward, judged on the gold rewards it never sees); `--config configs/tiny.yaml
@@ -73,6 +74,16 @@ def protocol_arm_overrides(protocol: Path, algorithms: list[str]) -> dict[str, l
     return out
 
 
+def parse_arm_set(item: str, algorithms: list[str]) -> tuple[str, str]:
+    """`ALGORITHM:KEY=VALUE` -> (algorithm, `KEY=VALUE`); the algorithm must be one of `--algorithms`."""
+    name, sep, override = item.partition(":")
+    if not sep or "=" not in override:
+        raise ConfigError(f"--arm-set {item!r}: write ALGORITHM:KEY=VALUE, e.g. grpo:algorithm.group.group_size=2")
+    if name not in algorithms:
+        raise ConfigError(f"--arm-set {item!r}: {name!r} is not one of --algorithms {algorithms}; add it there or fix the name")
+    return name, override
+
+
 def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config: Path = DEFAULT_CONFIG,
               algorithms: list[str] | None = None, arm_overrides: dict[str, list[str]] | None = None,
               sets: list[str] | None = None) -> tuple[Path, list[Path]]:
@@ -91,6 +102,7 @@ def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // min(2, len(algorithms)))))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     alignment_pipeline(config=local_config_text(config, model_dir, sets), epochs=epochs, model_cache_uri=str(root / "model-cache"),
+                       checkpoint_dir=str(root / "checkpoints"),
                        algorithms=list(algorithms or []), arm_overrides=dict(arm_overrides or {}))
     reports = sorted(root.rglob("html"), key=lambda p: p.stat().st_mtime)
     if not reports:
@@ -116,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms-from", type=Path, default=None, help="take each arm's overrides from this benchmark protocol")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override the config for every arm, e.g. evaluation.num_heldout_prompts=8 (repeatable)")
+    parser.add_argument("--arm-set", dest="arm_sets", action="append", default=[], metavar="ALGORITHM:KEY=VALUE",
+                        help="override one arm's config (the DAG's arm_overrides), e.g. grpo:algorithm.group.group_size=2 (repeatable)")
     args = parser.parse_args(argv)
     algorithms = [a for a in args.algorithms.split(",") if a]
     try:  # the DAG's plan-arms step checks the same, but a typo should not wait for kfp.local to start
         overrides = protocol_arm_overrides(args.arms_from, algorithms) if args.arms_from else {}
+        for name, override in map(lambda item: parse_arm_set(item, algorithms), args.arm_sets):
+            overrides.setdefault(name, []).append(override)
         plan_arms(local_config_text(args.config, args.model, args.sets), "", algorithms, overrides,
                   param_overrides(epochs=args.epochs))
     except ConfigError as err:

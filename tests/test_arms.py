@@ -58,6 +58,16 @@ def test_a_bad_plan_fails_before_training_naming_the_field(kwargs, pattern):
         plan_arms(TESTBED, **kwargs)
 
 
+def test_a_critic_arm_on_a_model_free_reward_needs_its_own_image_tower():
+    """configs/tiny.yaml trains on brightness, which has no CLIP tower for TDPO's critic to share: found at plan time,
+    not after the train step started (where kfp retries it); naming a tower fixes it."""
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(ConfigError, match=re.escape("arm tdpo_r: algorithm.critic.image_encoder: reward 'brightness' has no image tower")):
+        plan_arms(tiny, algorithms=["ddpo", "tdpo_r"])
+    assert plan_arms(tiny, algorithms=["ddpo", "tdpo_r"],
+                     per_arm={"tdpo_r": ["algorithm.critic.image_encoder=openai/clip-vit-large-patch14"]}) == ["ddpo", "tdpo_r"]
+
+
 def test_an_arm_is_the_shared_config_with_its_algorithm_then_its_own_settings():
     per_arm = {"tdpo_r": ["training.learning_rate=3e-3"], "cdpo": CDPO_SETS}
     assert arm_overrides("ddpo", per_arm) == ["algorithm.name=ddpo", "algorithm.constraints=[]"]

@@ -35,7 +35,7 @@ def _demo_args() -> list[str]:
     return [str(REPO / a) if "/" in a and (REPO / a).exists() else a for a in args[:i] + args[i + 2:]]
 
 
-def _check(proc, epochs, arms, tmp_path) -> dict[str, dict]:
+def _check(proc, epochs, arms, tmp_path, reward: str = "testbed_proxy") -> dict[str, dict]:
     """Each arm trained `epochs` with its own config; one report overlays them all. Returns arm -> used config."""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     prompts = next((tmp_path / "kfp").rglob("prepare-prompts/prompts"))
@@ -51,12 +51,12 @@ def _check(proc, epochs, arms, tmp_path) -> dict[str, dict]:
     [report] = _lines(proc.stdout, "report: ")
     html = report.read_text()
     assert "Overoptimization indicators" in html and "http://" not in html and "https://" not in html
-    assert "rewardtune report: " + " vs ".join(f"{a} on testbed_proxy" for a in arms) in html  # one page, every arm
+    assert "rewardtune report: " + " vs ".join(f"{a} on {reward}" for a in arms) in html  # one page, every arm
     # every arm's Collected evaluations: the base model and its final checkpoint were both scored
     assert html.count(f"<th>epoch-{epochs:06d}</th>") == len(arms) and "base" in html
     summary = next((tmp_path / "kfp").rglob("markdown")).read_text()
-    rows = [line for line in summary.splitlines() if "| testbed_proxy |" in line]
-    assert [row.split("|")[1].strip() for row in rows] == [f"{a} on testbed_proxy" for a in arms]
+    rows = [line for line in summary.splitlines() if f"| {reward} |" in line]
+    assert [row.split("|")[1].strip() for row in rows] == [f"{a} on {reward}" for a in arms]
     return used
 
 
@@ -73,12 +73,46 @@ def test_local_dag_two_arms_one_epoch(tmp_path):
     proc = _run_local(tmp_path, "--epochs", "1", "--algorithms", "ddpo,tdpo_r", "--arms-from", str(PROTOCOL),
                       "--set", "evaluation.num_heldout_prompts=2")
     used = _check(proc, 1, ["ddpo", "tdpo_r"], tmp_path)
+    # each arm trained in ROOT/checkpoints/<run id>-<algorithm> (the DAG's checkpoint_dir), not in this machine's /mnt
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "kfp" / "checkpoints").iterdir()) == ["ddpo", "tdpo_r"]
     assert {a: c["training"]["learning_rate"] for a, c in used.items()} == {a: _protocol_lr(a) for a in used}
     assert all(c["evaluation"]["num_heldout_prompts"] == 2 for c in used.values())
     exported = [p.parent for p in (tmp_path / "kfp").rglob("rewardtune_export.json")]  # the export steps' Models
     assert len(exported) == 2
     for model in exported:
         assert (model / "model_index.json").is_file() and (model / "README.md").is_file()
+
+
+def test_local_dag_flow_family_grpo_and_cdpo(tmp_path):
+    """The same DAG on a flow model (tiny SD3): GRPO and CDPO side by side, each with its own settings (`--arm-set`,
+    the DAG's arm_overrides); evaluation samples the LoRA checkpoints with the ODE, export merges them into an
+    SD3 pipeline."""
+    from rewardtune.rewards.tiny import init_tiny_rewards
+    from rewardtune.tiny_flow import init_tiny_flow
+
+    config = {
+        "model": {"source": str(init_tiny_flow(tmp_path / "sd3", "sd3")), "family": "sd3", "finetune": "lora"},
+        "prompts": {"source": "simple_animals"},
+        "sampling": {"num_steps": 4, "guidance_scale": 3.0, "batch_size": 2, "batches_per_epoch": 1, "resolution": 32},
+        "reward": {"name": "aesthetic", "source": init_tiny_rewards(tmp_path / "rewards", names=["aesthetic"])["aesthetic"]},
+        "training": {"batch_size": 2, "gradient_accumulation_steps": 1, "stat_tracking": {"enabled": False}},
+        "checkpointing": {"every_epochs": 1, "keep_last": 2},
+        "device": "cpu",
+    }
+    (tmp_path / "sd3.yaml").write_text(yaml.safe_dump(config))
+    proc = _run_local(tmp_path, "--config", str(tmp_path / "sd3.yaml"), "--epochs", "1", "--algorithms", "grpo,cdpo",
+                      "--set", "evaluation.num_heldout_prompts=2", "--arm-set", "grpo:algorithm.group.group_size=2",
+                      "--arm-set", "cdpo:algorithm.constraints=[{reward: {name: jpeg_compressibility}, relative_margin: 0.0}]")
+    used = _check(proc, 1, ["grpo", "cdpo"], tmp_path, reward="aesthetic")
+    assert used["grpo"]["algorithm"]["group"]["group_size"] == 2 and not used["cdpo"]["algorithm"].get("group")
+    assert [c["reward"]["name"] for c in used["cdpo"]["algorithm"]["constraints"]] == ["jpeg_compressibility"]
+    assert all(c["model"]["family"] == "sd3" for c in used.values())
+    exported = [p.parent for p in (tmp_path / "kfp").rglob("rewardtune_export.json")]
+    assert len(exported) == 2
+    for model in exported:
+        assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    bad = _run_local(tmp_path, "--config", str(tmp_path / "sd3.yaml"), "--algorithms", "grpo", "--arm-set", "cdpo:training.epochs=2")
+    assert bad.returncode == 2 and "'cdpo' is not one of --algorithms ['grpo']" in bad.stderr
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_parameters_and_stages(specs):
     params = set(pipeline.root.input_definitions.parameters)
     assert {"config", "algorithm", "algorithms", "arm_overrides", "base_model", "reward", "epochs", "num_nodes",
             "gpus_per_node", "gpu_node_selector", "trainer_image", "cpu_image", "checkpoint_pvc", "model_cache_pvc",
-            "model_cache_uri"} <= params
+            "model_cache_uri", "checkpoint_dir"} <= params
     kinds = pipeline_spec_pb2.ParameterType.ParameterTypeEnum
     assert pipeline.root.input_definitions.parameters["algorithms"].parameter_type == kinds.LIST
     assert pipeline.root.input_definitions.parameters["arm_overrides"].parameter_type == kinds.STRUCT
@@ -154,6 +154,10 @@ def test_per_arm_steps_get_the_cluster_settings_of_their_stage(specs):
     assert [m.mount_path for m in executors["exec-train"].pvc_mount] == ["/mnt/checkpoints", "/mnt/model-cache"]
     train = _dag_task(pipeline, "train")
     assert not train.caching_options.enable_cache and train.retry_policy.max_retry_count == 3
+    # train keeps its run where the checkpoint PVC is mounted (by default), so a retried pod finds it and resumes
+    for task in (train, _dag_task(pipeline, "train-multinode")):
+        assert task.inputs.parameters["workdir"].component_input_parameter == "pipelinechannel--checkpoint_dir"
+    assert pipeline.root.input_definitions.parameters["checkpoint_dir"].default_value.string_value == "/mnt/checkpoints"
 
 
 def test_kubernetes_executor_configs(specs):
