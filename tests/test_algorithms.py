@@ -53,6 +53,7 @@ def test_each_algorithm_runs_three_epochs_through_the_cli(tmp_path, tiny_model_d
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for record in records:
         assert record["critic_loss"] >= 0 and record["value_explained_variance"] is not None
+        assert all(f"value_explained_variance_{t}_third" in record for t in ("first", "middle", "last"))
     ckpt = out / "checkpoints" / "epoch-000003"
     assert (ckpt / "critic.safetensors").is_file()
     # hidden sizes 1024+128+64+16 per critic head; measured (and logged) for plain TDPO too, as officially

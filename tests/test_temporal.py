@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
 
 from rewardtune.temporal import (
     clipped_value_loss,
     discounted_returns,
     explained_variance,
+    explained_variance_by_thirds,
     standardize,
     step_rewards,
     temporal_advantages,
@@ -60,3 +62,11 @@ def test_explained_variance():
     target = torch.tensor([1.0, 2.0, 3.0])
     assert explained_variance(target, target) == 1.0
     assert math.isclose(explained_variance(torch.full((3,), 2.0), target), 0.0, abs_tol=1e-7)
+
+
+def test_explained_variance_by_thirds():
+    """K = 6: steps (0, 1), (2, 3), (4, 5). Target per step [1, -1] over two samples (variance 1). A constant
+    prediction explains nothing (0), the exact one everything (1), half the target explains 1 - 1/4 = 0.75."""
+    target = torch.tensor([[1.0] * 6, [-1.0] * 6])
+    predicted = torch.cat([torch.zeros(2, 2), target[:, 2:4], 0.5 * target[:, 4:]], dim=1)
+    assert explained_variance_by_thirds(predicted, target) == pytest.approx([0.0, 1.0, 0.75])

@@ -61,3 +61,15 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     if var == 0:
         return float("nan")
     return float(1 - (target - predicted).var(unbiased=False) / var)
+
+
+def explained_variance_by_thirds(predicted: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """`explained_variance` over the first, middle and last third of the step axis ([B, K], k = 0 the noisiest step).
+
+    Why: a critic that sees only the decoded x_t (no prompt) cannot predict a prompt-dependent return from near-pure
+    noise, so its explained variance is bounded at early steps whatever its capacity; the thirds show where it learns.
+    """
+    k = target.shape[1]
+    bounds = [0, round(k / 3), round(2 * k / 3), k]
+    return [explained_variance(predicted[:, a:b].reshape(-1), target[:, a:b].reshape(-1)) if b > a else float("nan")
+            for a, b in zip(bounds, bounds[1:], strict=False)]

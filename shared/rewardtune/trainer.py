@@ -20,7 +20,7 @@ from rewardtune.config import RunConfig
 from rewardtune.errors import Terminated
 from rewardtune.faults import fault_point
 from rewardtune.kl import KLController
-from rewardtune.temporal import explained_variance
+from rewardtune.temporal import explained_variance, explained_variance_by_thirds
 from rewardtune.training.checkpoints import Checkpoints, load_optimizer_state
 from rewardtune.training.duals import DualAscent
 from rewardtune.training.estimators import AdvantageEstimator
@@ -86,11 +86,12 @@ class Trainer:
             self.ppo.step_health.check(epoch, stats, run.trained_parameters())
             times.training = time.perf_counter() - t0
             progress.epochs_done = epoch + 1
-            if run.critics is not None:  # over all processes' (sample, step) pairs
-                stats["value_explained_variance"] = explained_variance(
-                    run.accelerator.gather(samples.extras["old_values"][..., 0]),
-                    run.accelerator.gather(samples.extras["returns"][..., 0]),
-                )
+            if run.critics is not None:  # over all processes' (sample, step) pairs, and by thirds of the steps
+                values = run.accelerator.gather(samples.extras["old_values"][..., 0])
+                returns = run.accelerator.gather(samples.extras["returns"][..., 0])
+                stats["value_explained_variance"] = explained_variance(values, returns)
+                for third, ev in zip(("first", "middle", "last"), explained_variance_by_thirds(values, returns), strict=True):
+                    stats[f"value_explained_variance_{third}_third"] = ev
             if run.constraints:
                 stats |= self.dual.update_multipliers(samples, epoch)
             reset_now = self.resets.reset_due(epoch)
