@@ -107,6 +107,40 @@ def test_grpo_on_sd_normalizes_within_groups(tmp_path, tiny_model_dir):
     assert _records(out)[0]["epoch"] == 0
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_grpo_kl_to_the_base_policy(tmp_path, flow_dirs, aesthetic_source, tiny_model_dir, family):
+    """`algorithm.group.kl_coef` (Flow-GRPO's beta): the reference is the base policy (sd: tiny.yaml's full
+    fine-tune, a frozen copy; sd3: LoRA with the adapters off), so the KL is 0 before the first update and > 0
+    after one; the posterior's log-prob is the PPO one; the epoch logs the mean KL."""
+    from rewardtune.kl import gaussian_kl_same_std
+    from rewardtune.trainer import EpochTimes, Trainer
+    from rewardtune.training.logprob import reference_policy
+
+    algorithm = {"name": "grpo", "group": {"group_size": 2, "kl_coef": 0.5}}
+    if family == "sd":
+        data = tiny_config_dict(tiny_model_dir, algorithm=algorithm, sampling={"batch_size": 2, "batches_per_epoch": 1,
+                                "num_steps": 4}, training={"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 1})
+    else:
+        data = _flow_config(flow_dirs["sd3"], "sd3", aesthetic_source, algorithm)
+    trainer = Trainer(parse_config(data), tmp_path / "run")
+    samples = trainer.sample_epoch(0, EpochTimes())
+    trainer.compute_advantages(samples)
+    view = trainer._view(trainer._shuffled(samples, torch.Generator().manual_seed(0)), [(slice(None), 0)])
+
+    def kl_now():
+        with torch.no_grad():
+            log_prob, mean, std = trainer.density.posterior_of(view)
+            with reference_policy(trainer.built) as reference:
+                ref_mean = trainer.density.posterior_of(view, reference)[1]
+        return log_prob, gaussian_kl_same_std(mean, ref_mean, std)
+
+    log_prob, kl = kl_now()
+    assert torch.equal(log_prob, trainer.log_prob_of(view)) and torch.equal(kl, torch.zeros_like(kl))
+    stats = trainer.ppo.train_epoch(samples, 0)
+    assert stats["kl_to_reference"] >= 0 and np.isfinite(stats["kl_to_reference"])
+    assert bool((kl_now()[1] > 0).all())  # the policy moved away from the base; the reference did not
+
+
 def test_flow_trainer_shuffles_only_sde_steps_on_policy(tmp_path, flow_dirs, aesthetic_source):
     from rewardtune.trainer import EpochTimes, Trainer
 

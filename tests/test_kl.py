@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rewardtune.kl import KLController, adaptive_kl_update, kl_penalty, sample_kl
+from rewardtune.kl import KLController, adaptive_kl_update, gaussian_kl_same_std, kl_penalty, sample_kl
 
 # log pi_ref = -0.5 with log pi = 0 (d = +0.5) or log pi = -1 (d = -0.5);
 # js: m = ½(e^lp + e^ref), js = ½[max(lp - log m, 0) + max(ref - log m, 0)]
@@ -61,3 +61,14 @@ def test_fixed_controller_never_moves_and_state_round_trips():
     restored = KLController(0.2, target=1.0, horizon=2000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value == 0.2 * (1 + 0.2 * 0.128)
+
+
+def test_gaussian_kl_same_std_is_the_closed_form():
+    """Mean gap 0.3 at std 0.5: 0.3² / (2·0.25) = 0.18 per element; torch's Normal KL agrees elementwise."""
+    mean = torch.full((2, 3, 4), 0.3)
+    mean[1] = -0.1  # gap 0.1: 0.01 / 0.5 = 0.02
+    std = torch.full_like(mean, 0.5)
+    kl = gaussian_kl_same_std(mean, torch.zeros_like(mean), std)
+    assert kl.shape == (2,) and torch.allclose(kl, torch.tensor([0.18, 0.02]))
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std), torch.distributions.Normal(0.0, std))
+    assert torch.allclose(kl, ref.mean(dim=(1, 2)))

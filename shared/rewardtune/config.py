@@ -171,6 +171,10 @@ class GroupConfig(_Strict):
 
     group_size: int = Field(24, ge=2, description="Images per prompt (Flow-GRPO's SD3.5 presets: 24).")
     std: Literal["global", "group"] = Field("global", description="Divide by all rewards' std or the group's own.")
+    kl_coef: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="beta of the KL to the base policy in the loss (Flow-GRPO's train.beta; exact Gaussian KL per step, 0: off).",
+    )
 
 
 SamplingConfig.model_rebuild()
@@ -366,6 +370,15 @@ class AlgorithmConfig(_Strict):
     @property
     def uses_reset(self) -> bool:
         return self.name in ("tdpo_r", "cdpo")
+
+    @property
+    def loss_kl_coef(self) -> float:
+        """GRPO's beta of the KL-to-base term in the loss (TDPO's KL is a per-step reward penalty instead)."""
+        return self.group.kl_coef if self.name == "grpo" and self.group is not None else 0.0
+
+    @property
+    def uses_reference_policy(self) -> bool:
+        return (self.uses_critic and self.critic.kl_coef > 0) or self.loss_kl_coef > 0
 
     @model_validator(mode="after")
     def _constraints_only_for_cdpo(self) -> AlgorithmConfig:

@@ -41,6 +41,18 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str) ->
     raise ValueError(f"unknown KL estimator {kind!r}; use one of {', '.join(KL_ESTIMATORS)}")
 
 
+def gaussian_kl_same_std(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std²) || N(ref_mean, std²)) per element, averaged over non-batch dims: [B, ...] -> [B].
+
+    GRPO's KL to the base policy (Flow-GRPO): both step densities share the std (it depends on the schedule,
+    not the model), so the KL is the squared mean gap over twice the variance. This is the exact closed form;
+    Flow-GRPO's code divides by 2g² (g without the sqrt(-dt) of its std) on its `sde` steps, i.e. its value is
+    this one times -dt, so its beta is not ours (README, deviations).
+    """
+    kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
 def sample_kl(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
     """Per-sample KL of the controller: log pi - log pi_ref summed over the steps, [N, K] -> [N].
 

@@ -93,6 +93,8 @@ class PolicyFamily(Protocol):
         self, latents: torch.Tensor, step: Step, cond: Conditioning, guidance_scale: float, model: torch.nn.Module | None = None
     ) -> torch.Tensor: ...
 
+    def posterior(self, model_out: torch.Tensor, step: Step, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def step_with_logprob(
         self,
         model_out: torch.Tensor,

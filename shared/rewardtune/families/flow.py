@@ -19,7 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from rewardtune.config import FLOW_LORA_TARGETS
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora, load_lora_state
-from rewardtune.flow_sde import SdeType, euler_step, flow_step_with_logprob, sde_steps
+from rewardtune.flow_sde import SdeType, euler_step, flow_posterior, flow_step_with_logprob, sde_steps
 
 
 class FlowFamily:
@@ -168,6 +168,10 @@ class FlowFamily:
         )
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond)
+
+    def posterior(self, model_out: torch.Tensor, step: Step, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of a stochastic step's Gaussian (what `step_with_logprob` samples from)."""
+        return flow_posterior(model_out, latents, step.sigma, step.sigma_next, self.noise_level, self.sde_type)
 
     def step_with_logprob(self, model_out, step: Step, latents, prev=None, generator=None):
         """SDE step with log-prob on stochastic steps; the Euler step (log-prob None) elsewhere."""

@@ -9,7 +9,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from rewardtune.config import ModelConfig
-from rewardtune.diffusion import ddim_step_with_logprob, decode_latents, encode_prompts, guided_noise_pred
+from rewardtune.diffusion import (
+    ddim_posterior,
+    ddim_step_with_logprob,
+    decode_latents,
+    encode_prompts,
+    guided_noise_pred,
+)
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora
 from rewardtune.models import load_policy_weights, save_policy
@@ -55,6 +61,10 @@ class SDFamily:
         dtype = next(model.parameters()).dtype
         scaled = self.scheduler.scale_model_input(latents, step.timestep).to(dtype)
         return guided_noise_pred(model, scaled, step.timestep, cond["embeds"], cond["negative_embeds"], guidance_scale)
+
+    def posterior(self, model_out: torch.Tensor, step: Step, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the DDIM step's Gaussian (what `step_with_logprob` samples from)."""
+        return ddim_posterior(self.scheduler, model_out, step.timestep, latents, self.eta)
 
     def step_with_logprob(self, model_out, step: Step, latents, prev=None, generator=None):
         return ddim_step_with_logprob(

@@ -4,12 +4,12 @@ flat batches it is computed on. Shared by the PPO loop, the reference log-probs 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-from rewardtune.diffusion import (
-    ddim_step_with_logprob,
-    guided_noise_pred,
-)
+from rewardtune.diffusion import ddim_posterior, guided_noise_pred, sample_step
 from rewardtune.families.base import Step
 from rewardtune.training.setup import Run
 
@@ -39,10 +39,17 @@ class PolicyDensity:
 
     def log_prob_of(self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """log pi(x_{t-1} | x_t) of each pair in a flat batch, recomputed with gradients."""
+        return self.posterior_of(view, model)[0]
+
+    def posterior_of(
+        self, view: dict[str, torch.Tensor], model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob of the stored next latents, mean, std) of each pair's step density, from one model call:
+        the log-prob feeds the PPO ratio, the mean GRPO's KL to the base policy."""
         run, cfg = self.run, self.run.cfg
         model = model or run.unet
         if run.is_flow:
-            return self._flow_log_prob(view, model)
+            return self._flow_posterior(view, model)
         latents, timesteps = view["latents"], view["timesteps"]
         model_dtype = next(model.parameters()).dtype
         with run.accelerator.autocast():
@@ -54,22 +61,36 @@ class PolicyDensity:
                 view["negative_embeds"],
                 cfg.sampling.guidance_scale,
             )
-        _, log_prob = ddim_step_with_logprob(
-            run.scheduler, noise_pred, timesteps, latents, eta=cfg.sampling.eta, prev_sample=view["next_latents"],
+        mean, std = ddim_posterior(
+            run.scheduler, noise_pred, timesteps, latents, cfg.sampling.eta,
             check_std=not cfg.performance.sync_free_steps,  # the sampled schedule was checked once
         )
-        return log_prob
+        return sample_step(mean, std, view["next_latents"])[1], mean, std
 
-    def _flow_log_prob(self, view: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
-        """The flow family's log-prob at the stored per-sample (timestep, sigma, sigma') of trainable steps."""
+    def _flow_posterior(self, view: dict[str, torch.Tensor], model: torch.nn.Module):
+        """The flow family's step density at the stored per-sample (timestep, sigma, sigma') of trainable steps."""
         run = self.run
         step = Step(-1, view["timesteps"], view["sigmas"], view["sigmas_next"], stochastic=True)
         cond = {name.removeprefix("cond."): value for name, value in view.items() if name.startswith("cond.")}
         with run.accelerator.autocast():
             out = run.family.forward(view["latents"], step, cond, run.cfg.sampling.guidance_scale, model=model)
-        _, log_prob = run.family.step_with_logprob(out, step, view["latents"], prev=view["next_latents"])
-        return log_prob
+        mean, std = run.family.posterior(out, step, view["latents"])
+        return sample_step(mean, std, view["next_latents"])[1], mean, std
 
     def policy_log_prob(self, batch: dict[str, torch.Tensor], rows: slice, j: int, model: torch.nn.Module | None = None) -> torch.Tensor:
         """log-probs of the rows' step column j of a [sample, step] batch."""
         return self.log_prob_of(flat_view(batch, [(rows, j)]), model)
+
+
+@contextmanager
+def reference_policy(run: Run) -> Iterator[torch.nn.Module]:
+    """The frozen base policy of the KL terms: the run's copy (full fine-tune), else its LoRA policy with the
+    adapters off for the duration (no copy); use under `torch.no_grad()`."""
+    if run.reference_unet is not None:
+        yield run.reference_unet
+        return
+    run.policy.disable_adapters()
+    try:
+        yield run.policy
+    finally:
+        run.policy.enable_adapters()

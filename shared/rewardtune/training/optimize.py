@@ -9,10 +9,11 @@ from collections.abc import Callable
 import torch
 
 from rewardtune.faults import fault_point
+from rewardtune.kl import gaussian_kl_same_std
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
 from rewardtune.numerics import StepHealth
 from rewardtune.temporal import clipped_value_loss
-from rewardtune.training.logprob import PolicyDensity, flat_view, is_row_field
+from rewardtune.training.logprob import PolicyDensity, flat_view, is_row_field, reference_policy
 from rewardtune.training.rollout import EpochSamples
 from rewardtune.training.setup import Progress, Run, epoch_seed
 
@@ -96,6 +97,9 @@ class PPOUpdate:
         stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
         if run.critics is not None:
             stats["critic_loss"] = []
+        beta = run.cfg.algorithm.loss_kl_coef
+        if beta > 0:
+            stats["kl_to_reference"] = []
         from tqdm.auto import tqdm
 
         for inner in range(cfg.inner_epochs):
@@ -105,10 +109,16 @@ class PPOUpdate:
             for chunk in tqdm(self._micro_steps(len(samples)), desc="training", leave=False, disable=not run.progress_bars()):
                 view = flat_view(batch, chunk)
                 with run.accelerator.accumulate(*models):
-                    log_prob = self.density.log_prob_of(view)
+                    log_prob, mean, std = self.density.posterior_of(view)
                     old = view["log_probs"]
                     loss = ppo_clipped_loss(log_prob, old, view["advantages"], cfg.clip_range)
                     total = loss
+                    if beta > 0:  # GRPO's KL to the base policy, in the loss (Flow-GRPO's train.beta)
+                        with torch.no_grad(), reference_policy(run) as reference:
+                            ref_mean = self.density.posterior_of(view, reference)[1]
+                        kl = gaussian_kl_same_std(mean, ref_mean, std).mean()
+                        total = total + beta * kl
+                        stats["kl_to_reference"].append(kl.detach())
                     if run.critics is not None:
                         values = run.critics(view["critic_inputs"])
                         value_loss = clipped_value_loss(values, view["old_values"], view["returns"], critic_cfg.value_clip)

@@ -24,7 +24,7 @@ from rewardtune.faults import fault_point
 from rewardtune.group_advantages import group_prompts
 from rewardtune.numerics import check_images
 from rewardtune.rewards import check_finite
-from rewardtune.training.logprob import PolicyDensity
+from rewardtune.training.logprob import PolicyDensity, reference_policy
 from rewardtune.training.setup import Progress, Run, epoch_seed
 
 
@@ -267,22 +267,15 @@ class Rollout:
     @torch.no_grad()
     def reference_log_probs(self, traj) -> torch.Tensor:
         """log pi_ref of each sampled step under the frozen base policy (for the per-step KL penalty)."""
-        unet = self.run.policy
-        model = self.run.reference_unet or unet
         batch = {"latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:], "timesteps": traj.timesteps}
         if self.run.is_flow:  # only the stochastic steps have a density; the ODE steps' reference log-prob is 0
             batch |= {"sigmas": traj.sigmas, "sigmas_next": traj.sigmas_next,
                       **{f"cond.{k}": v for k, v in traj.conditioning.items()}}
         else:
             batch |= {"prompt_embeds": traj.prompt_embeds, "negative_embeds": traj.negative_embeds}
-        if self.run.reference_unet is None:
-            unet.disable_adapters()
-        try:
-            steps, trainable = traj.timesteps.shape[1], self.run.trainable_set
-            zero = torch.zeros_like(traj.log_probs[:, 0])
+        steps, trainable = traj.timesteps.shape[1], self.run.trainable_set
+        zero = torch.zeros_like(traj.log_probs[:, 0])
+        with reference_policy(self.run) as model:
             return torch.stack([self.density.policy_log_prob(batch, slice(None), k, model) if k in trainable else zero
                                 for k in range(steps)], dim=1)
-        finally:
-            if self.run.reference_unet is None:
-                unet.enable_adapters()
 

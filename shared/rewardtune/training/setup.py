@@ -174,7 +174,7 @@ def build_run(cfg: RunConfig, out_dir: str | Path) -> Run:
             reward_names, tower.dim + int(is_flow), algo.critic.hidden_sizes, algo.critic.dropout, cfg.training.seed
         ).to(device)
         groups.append({"params": list(critics.parameters()), "lr": algo.critic.learning_rate, "name": "critic"})
-    reference_unet = _reference_policy(cfg, denoiser) if algo.uses_critic and algo.critic.kl_coef > 0 else None
+    reference_unet = _reference_policy(cfg, denoiser) if algo.uses_reference_policy else None
     optimizer = torch.optim.AdamW(
         groups,
         betas=(cfg.training.adam_beta1, cfg.training.adam_beta2),
