@@ -13,7 +13,7 @@ from typing import Any, get_args
 import yaml
 
 from rewardtune.checkpoint import write_text_atomic
-from rewardtune.config import AlgorithmConfig, RunConfig
+from rewardtune.config import AlgorithmConfig
 from rewardtune.errors import ConfigError
 
 ALGORITHMS: tuple[str, ...] = get_args(AlgorithmConfig.model_fields["name"].annotation)
@@ -52,6 +52,7 @@ def plan_arms(config: str, algorithm: str = "", algorithms: list[str] | None = N
     No `algorithms`: one arm, `algorithm` or else the config's own (the single-algorithm DAG of before). Every
     arm exports its own model, so several arms may only push to the hub under per-arm names (`{algorithm}`).
     """
+    from rewardtune.rewards import critic_image_tower
     from rewardtune.stages import resolve_config
 
     algorithms = list(algorithms or [])
@@ -77,20 +78,12 @@ def plan_arms(config: str, algorithm: str = "", algorithms: list[str] | None = N
                           f"in the repo id (e.g. '{push_to_hub}-{ARM_PLACEHOLDER}') so each arm gets its own")
     for name in arms:
         try:
-            check_critic_tower(resolve_config(config, [*(overrides or []), *arm_overrides(name, per_arm)]))
+            cfg = resolve_config(config, [*(overrides or []), *arm_overrides(name, per_arm)])
+            if cfg.algorithm.uses_critic:  # the trainer's own check, before the DAG starts rather than after
+                critic_image_tower(cfg)
         except ConfigError as err:
             raise ConfigError(f"arm {name}: {err}") from None
     return arms
-
-
-def check_critic_tower(cfg: RunConfig) -> None:
-    """A critic embeds decoded x_t with an image tower: the config's, or the training reward's own. A model-free
-    reward (brightness, JPEG) has none, which the trainer would find only after the DAG started; say it now."""
-    from rewardtune.rewards import critic_tower_source
-
-    if cfg.algorithm.uses_critic and cfg.algorithm.critic.image_encoder is None and critic_tower_source(cfg.reward) is None:
-        raise ConfigError(f"algorithm.critic.image_encoder: reward '{cfg.reward.name}' has no image tower for the "
-                          f"{cfg.algorithm.name} critic to share; give a CLIP vision model source (hub id, directory or cache URI)")
 
 
 def pack_arm(run_dir: str | Path, eval_dirs: list[str | Path], out_dir: str | Path) -> Path:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from rewardtune.errors import RewardError, RewardtuneError
+from rewardtune.errors import ConfigError, RewardError, RewardtuneError
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rewardtune.cache import ModelRef
-    from rewardtune.config import RewardSpec
+    from rewardtune.config import RewardSpec, RunConfig
 
 
 class Reward(Protocol):
@@ -136,6 +136,17 @@ def critic_tower_source(spec: RewardSpec) -> str | None:
     _ensure(spec.name)
     fn = _TOWERS.get(spec.name)
     return fn(spec) if fn else None
+
+
+def critic_image_tower(cfg: RunConfig) -> str:
+    """The source of the tower TDPO's critic embeds decoded x_t with: `algorithm.critic.image_encoder`, else the
+    training reward's own. A model-free reward (brightness, JPEG) has none: a ConfigError naming the field, raised
+    by plan-arms before a DAG starts and by the trainer alike."""
+    source = cfg.algorithm.critic.image_encoder or critic_tower_source(cfg.reward)
+    if source is None:
+        raise ConfigError(f"algorithm.critic.image_encoder: reward '{cfg.reward.name}' has no image tower for the "
+                          f"{cfg.algorithm.name} critic to share; give a CLIP vision model source (hub id, directory or cache URI)")
+    return source
 
 
 def critic_tower_checkpoint(spec: RewardSpec) -> str | None:

@@ -236,16 +236,11 @@ def _check_prompt_lengths(tokenizer, prompts: list[str]) -> None:
 
 def _load_critic_tower(cfg: RunConfig, device: torch.device):
     """The frozen image tower that embeds decoded x_t for the critic (the reward's own CLIP tower by default)."""
-    from rewardtune.rewards import critic_tower_checkpoint, critic_tower_source
+    from rewardtune.rewards import critic_image_tower, critic_tower_checkpoint
     from rewardtune.rewards.towers import load_clip_image_tower
 
     critic = cfg.algorithm.critic
-    source = critic.image_encoder or critic_tower_source(cfg.reward)
-    if source is None:
-        raise RewardtuneError(
-            f"algorithm.critic.image_encoder is required: reward '{cfg.reward.name}' has no image tower "
-            "to share; give a CLIP vision model source (hub id, directory or cache URI)"
-        )
+    source = critic_image_tower(cfg)
     checkpoint = None if critic.image_encoder else critic_tower_checkpoint(cfg.reward)
     return load_clip_image_tower(source, device, checkpoint=checkpoint, preprocessing=critic.preprocessing)
 
