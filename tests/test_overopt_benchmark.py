@@ -79,6 +79,19 @@ def test_train_summary_explained_variance_before_the_first_reset():
     assert s["optimizer_steps_per_epoch"] == 20
 
 
+def test_train_summary_explained_variance_by_thirds_before_the_first_reset():
+    records = [{"epoch": e, "approx_kl": 0.01, "clipfrac": 0.1, "global_step": 20 * (e + 1), "reset": e == 5,
+                "value_explained_variance_first_third": -0.1 * e, "value_explained_variance_middle_third": None if e == 4 else 0.1,
+                "value_explained_variance_last_third": 0.1 * e} for e in range(7)]
+    s = train_summary(records)
+    first, middle, last = s["explained_variance_thirds_before_reset_mean"]
+    assert first == pytest.approx(-0.1 * (2 + 3 + 4 + 5) / 4)  # epochs 2-5, the reset epoch last
+    assert middle == pytest.approx(0.1)  # epoch 4 logged none: the 4 latest logged values (epochs 1, 2, 3, 5)
+    assert last == pytest.approx(0.1 * (2 + 3 + 4 + 5) / 4)
+    assert train_summary([{"epoch": 0, "approx_kl": 0.0, "clipfrac": 0.0, "global_step": 2}])[
+        "explained_variance_thirds_before_reset_mean"] == [None, None, None]  # DDPO logs no critic
+
+
 def test_analysis_verdicts_and_gates_on_hand_built_runs():
     seeds = [0, 1, 2, 3]
     primary = {**load_protocol(PROTOCOL).primary.model_dump(), "proxy_gain": 0.05, "sesoi_fraction": 0.2}

@@ -83,12 +83,19 @@ def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
 
 # ------------------------------------------------------------------------------------------- one run
 EV_WINDOW = 4  # epochs averaged for the critic's explained variance before its first reset
+THIRDS = ("first", "middle", "last")  # of the denoising steps, as the trainer logs them
+
+
+def _mean_of_last(values: list[float | None], n: int) -> float | None:
+    kept = [v for v in values if v is not None][-n:]
+    return float(np.mean(kept)) if kept else None
 
 
 def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The calibration indicators of one run from its metrics.jsonl records. One epoch's explained variance
     rests on 16 trajectories (sd ~0.2 between epochs), so the mean over the last EV_WINDOW epochs before
-    the first reset is reported next to the last epoch's."""
+    the first reset is reported next to the last epoch's, and that mean per third of the denoising steps
+    (the critic can explain the last third, where x_t shows the image, but hardly the first)."""
     first_reset = next((r["epoch"] for r in records if r.get("reset")), None)
     before = [r for r in records if first_reset is None or r["epoch"] <= first_reset]
     ev = [r["value_explained_variance"] for r in before if r.get("value_explained_variance") is not None]
@@ -101,6 +108,8 @@ def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "explained_variance_before_reset": ev[-1] if ev else None,
         "explained_variance_before_reset_mean": float(np.mean(ev[-EV_WINDOW:])) if ev else None,
         "explained_variance": [r.get("value_explained_variance") for r in records],
+        "explained_variance_thirds_before_reset_mean": [
+            _mean_of_last([r.get(f"value_explained_variance_{t}_third") for r in before], EV_WINDOW) for t in THIRDS],
         "optimizer_steps_per_epoch": records[0]["global_step"] if records else None,
         "train_constraint": [r.get("constraint_testbed_fidelity") for r in records],
         "threshold": next((r["threshold_testbed_fidelity"] for r in records if r.get("threshold_testbed_fidelity") is not None), None),
@@ -237,6 +246,9 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
                     "explained_variance_before_reset_mean"):
             vals = [t[key] for t in train if t.get(key) is not None]
             entry[key] = float(np.median(vals)) if vals else None
+        thirds = [t.get("explained_variance_thirds_before_reset_mean") or [None] * 3 for t in train]
+        entry["explained_variance_thirds_before_reset_mean"] = [
+            float(np.median(col)) if (col := [v[i] for v in thirds if v[i] is not None]) else None for i in range(3)]
         thresholds = [(t["threshold"], t["train_constraint"][-1]) for t in train if t.get("threshold") is not None]
         tol = p.secondary.fidelity_tolerance
         margin = p.cdpo_fidelity_margin
@@ -329,12 +341,14 @@ def markdown(res: dict[str, Any], meta: dict[str, Any]) -> str:
                      + f" | {fit_s} |")
     lines += ["", "## Regime (calibration indicators, medians over runs)", "",
               "| arm | epoch-0 approx_kl | epoch-0 clipfrac | median approx_kl | critic EV before 1st reset "
-              f"(last epoch; mean of {EV_WINDOW}) |", "|---|---|---|---|---|"]
+              f"(last epoch; mean of {EV_WINDOW}) | same mean by thirds of the steps (first / middle / last) |",
+              "|---|---|---|---|---|---|"]
     for a in arms + [GOLD_CONTROL, SHUFFLED_CONTROL]:
         e = res["arms"].get(a)
         if e:
             lines.append(f"| {a} | {_f(e['epoch0_approx_kl'], 4)} | {_f(e['epoch0_clipfrac'])} | {_f(e['median_approx_kl'], 5)} | {_f(e['explained_variance_before_reset'])}; "
-                         f"{_f(e.get('explained_variance_before_reset_mean'))} |")
+                         f"{_f(e.get('explained_variance_before_reset_mean'))} | "
+                         + " / ".join(_f(v) for v in e.get("explained_variance_thirds_before_reset_mean") or [None] * 3) + " |")
     if bon:
         lines += ["", "## Best-of-n with the proxy on base samples", "", "| n | KL = log n − (n−1)/n | √KL | proxy gain | gold gain |", "|---|---|---|---|---|"]
         lines += [f"| {r['n']} | {r['kl']:.4f} | {math.sqrt(r['kl']):.4f} | {r['proxy_gain']:+.4f} | {r['gold_gain']:+.4f} |" for r in bon]
