@@ -119,7 +119,8 @@ def test_two_processes_stay_identical_resume_exactly_and_match_one_process(setup
     runs = {"ddpo": config("ddpo", {"name": "ddpo"}),
             "tdpo_r": config("tdpo_r", {"name": "tdpo_r", "reset": {"every": 1}}),
             "cdpo": config("cdpo", CDPO),
-            "grpo_kl": config("grpo_kl", {"name": "grpo", "group": {"group_size": 2, "kl_coef": 0.5}})}
+            "grpo_kl": config("grpo_kl", {"name": "grpo", "group": {"group_size": 2, "kl_coef": 0.5}}),
+            "tdpo_kl": config("tdpo_kl", {"name": "tdpo", "critic": {"kl_coef": 0.5, "kl_target": 1e-3}})}
     spec = [{"kind": "train", "config": str(path), "out": str(root / name), "digests": str(root / f"digests-{name}")}
             for name, path in runs.items()]
     split = root / "cdpo-split"
@@ -140,9 +141,10 @@ def test_two_processes_stay_identical_resume_exactly_and_match_one_process(setup
     for name in runs:  # every rank's policy, critic and Adam state agree after every epoch and every reset
         records = _digests(root / f"digests-{name}")
         resets = name in ("tdpo_r", "cdpo")
+        critic = resets or name == "tdpo_kl"
         expected = [("reset", 0), ("epoch", 0), ("reset", 1), ("epoch", 1)] if resets else [("epoch", 0), ("epoch", 1)]
         assert [(r["phase"], r["epoch"]) for r in records] == expected, name
-        assert ("critic" in records[0]) == resets
+        assert ("critic" in records[0]) == critic
         assert len({r["policy"] for r in records if r["phase"] == "epoch"}) == 2  # it trained
         metrics = _metrics(root / name)
         assert [m["samples"] for m in metrics] == [WORLD * B, 2 * WORLD * B], "not two processes"
@@ -150,6 +152,9 @@ def test_two_processes_stay_identical_resume_exactly_and_match_one_process(setup
             assert all(m["reset"] and m["neurons_reset"] > 0 for m in metrics)
         if name == "grpo_kl":  # GRPO's KL to the base policy (LoRA adapters off on the unwrapped model) on 2 ranks
             assert all(math.isfinite(m["kl_to_reference"]) for m in metrics) and metrics[1]["kl_to_reference"] > 0
+        if name == "tdpo_kl":  # TDPO's per-step KL penalty with the adaptive controller, fed by all ranks' samples
+            assert metrics[0]["kl_mean"] == pytest.approx(0, abs=1e-6)  # epoch 0 samples the base policy itself
+            assert metrics[1]["kl_mean"] != 0 and metrics[1]["kl_controller"] != metrics[0]["kl_controller"]
 
     # --resume with two processes continues exactly as the uninterrupted two-process run
     assert _digests(root / "digests-split") == _digests(root / "digests-cdpo")
