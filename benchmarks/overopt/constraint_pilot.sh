@@ -5,6 +5,7 @@
 # PROMPTS: a benchmark's prompts/train.txt; two runs at a time; then
 #   PYTHONPATH=shared python benchmarks/overopt/constraint_table.py OUT/*/
 set -euo pipefail
+if [ $# -lt 4 ]; then echo "usage: constraint_pilot.sh OUT PROMPTS LR SEED [SEED ...] (got $# arguments)" >&2; exit 2; fi
 OUT=$1 PROMPTS=$2 LR=$3; shift 3
 mkdir -p "$OUT"
 run() {  # name seed extra-args...
