@@ -106,7 +106,7 @@ def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "approx_kl": kl, "clipfrac": [r["clipfrac"] for r in records],
         "median_approx_kl": float(np.median(kl)) if kl else None,
         "explained_variance_before_reset": ev[-1] if ev else None,
-        "explained_variance_before_reset_mean": float(np.mean(ev[-EV_WINDOW:])) if ev else None,
+        "explained_variance_before_reset_mean": _mean_of_last(ev, EV_WINDOW),
         "explained_variance": [r.get("value_explained_variance") for r in records],
         "explained_variance_thirds_before_reset_mean": [
             _mean_of_last([r.get(f"value_explained_variance_{t}_third") for r in before], EV_WINDOW) for t in THIRDS],
