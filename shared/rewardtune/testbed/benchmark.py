@@ -348,7 +348,7 @@ def markdown(res: dict[str, Any], meta: dict[str, Any]) -> str:
         if e:
             lines.append(f"| {a} | {_f(e['epoch0_approx_kl'], 4)} | {_f(e['epoch0_clipfrac'])} | {_f(e['median_approx_kl'], 5)} | {_f(e['explained_variance_before_reset'])}; "
                          f"{_f(e.get('explained_variance_before_reset_mean'))} | "
-                         + " / ".join(_f(v) for v in e.get("explained_variance_thirds_before_reset_mean") or [None] * 3) + " |")
+                         + " / ".join(_f(v) for v in e["explained_variance_thirds_before_reset_mean"]) + " |")
     if bon:
         lines += ["", "## Best-of-n with the proxy on base samples", "", "| n | KL = log n − (n−1)/n | √KL | proxy gain | gold gain |", "|---|---|---|---|---|"]
         lines += [f"| {r['n']} | {r['kl']:.4f} | {math.sqrt(r['kl']):.4f} | {r['proxy_gain']:+.4f} | {r['gold_gain']:+.4f} |" for r in bon]
