@@ -61,6 +61,20 @@ def test_plan_is_every_arm_times_seed_then_the_controls():
     assert (tiny.seeds, tiny.epochs, tiny.smoke) == (p.seeds[:2], 4, True)
 
 
+@pytest.mark.parametrize(("threshold", "expected"), [(None, {"threshold": None, "relative_margin": 0.05}),
+                                                      (0.48, {"threshold": 0.48, "relative_margin": None})])
+def test_cdpo_constraint_is_the_protocols_absolute_threshold_or_its_margin(threshold, expected):
+    from rewardtune.testbed.benchmark import run_config
+
+    p = _protocol(cdpo_fidelity_threshold=threshold, cdpo_fidelity_margin=0.05)
+    cdpo = next(r for r in plan(p) if r.algorithm == "cdpo")
+    (constraint,) = run_config(p, cdpo, Path("prompts")).algorithm.constraints
+    assert constraint.reward.name == "testbed_fidelity"
+    assert {"threshold": constraint.threshold, "relative_margin": constraint.relative_margin} == expected
+    ddpo = next(r for r in plan(p) if r.algorithm == "ddpo")
+    assert run_config(p, ddpo, Path("prompts")).algorithm.constraints == []
+
+
 def test_run_metrics_by_hand():
     m = run_metrics(_record("ddpo", 0, -0.2)["curves"], 0.05)
     assert m["gmp"] == pytest.approx(-0.2 * 0.05)  # the line gold gain = -0.2 x proxy gain, read at +0.05

@@ -72,8 +72,10 @@ def _final_state(out):
 
 
 def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
+    """With the policy's rate still warming up at the resume point: it comes from the restored step count."""
     common = ["model.finetune=lora", "sampling.batches_per_epoch=1", "training.gradient_accumulation_steps=1",
-              "checkpointing.every_epochs=1", "training.stat_tracking.enabled=true", "training.stat_tracking.min_count=2"]
+              "checkpointing.every_epochs=1", "training.stat_tracking.enabled=true", "training.stat_tracking.min_count=2",
+              "training.learning_rate=1e-3", "training.lr_warmup_steps=3"]
     straight = tmp_path / "straight"
     _trainer(tiny_model_dir, straight, [*common, "training.epochs=3"]).run()
 
@@ -96,6 +98,9 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
         return [{k: v for k, v in row.items() if not k.startswith(("time_", "images_per"))} for row in rows]
 
     assert strip((straight / "metrics.jsonl").read_text()) == strip((split / "metrics.jsonl").read_text())
+    rows = strip((split / "metrics.jsonl").read_text())
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3 * min(1.0, row["global_step"] / 3) for row in rows])
+    assert rows[1]["lr"] < 1e-3  # epoch 2, the last before the resume, is still warming up
 
 
 def test_refuses_to_overwrite_or_resume_a_different_model(tiny_model_dir, tmp_path):

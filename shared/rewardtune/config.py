@@ -404,6 +404,10 @@ class TrainingConfig(_Strict):
         2, ge=1, description="Micro-batches per optimizer step (times the trained timesteps, as in DDPO)."
     )
     learning_rate: float = Field(3e-4, gt=0)
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="Optimizer steps over which the policy's rate rises linearly to learning_rate "
+        "(rewardtune.lr_schedule); the critic's rate is constant. 0: constant."
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(1e-4, ge=0)

@@ -36,6 +36,7 @@ CONFIG_FILE = "config.yaml"
 APPLIED = (
     "training.epochs",
     "training.learning_rate",
+    "training.lr_warmup_steps",
     "training.adam_beta1",
     "training.adam_beta2",
     "training.adam_weight_decay",

@@ -67,7 +67,9 @@ def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
     data["algorithm"]["name"] = spec.algorithm
     data["algorithm"]["constraints"] = []
     if spec.algorithm == "cdpo":
-        constraint = ConstraintConfig(reward=RewardSpec(name=FIDELITY), relative_margin=p.cdpo_fidelity_margin)
+        bound = ({"relative_margin": p.cdpo_fidelity_margin} if p.cdpo_fidelity_threshold is None
+                 else {"threshold": p.cdpo_fidelity_threshold})
+        constraint = ConstraintConfig(reward=RewardSpec(name=FIDELITY), **bound)
         data["algorithm"]["constraints"] = [constraint.model_dump(mode="json")]
     data["reward"] = {"name": spec.reward}
     # every run is judged on the same three rewards; the one it trains on is scored as its training reward

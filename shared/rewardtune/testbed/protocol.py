@@ -73,6 +73,10 @@ class Protocol(_Strict):
     heldout_prompts: int = Field(54, ge=1)
     images_per_prompt: int = Field(2, ge=1)
     cdpo_fidelity_margin: float = Field(0.05, ge=0)
+    cdpo_fidelity_threshold: float | None = Field(
+        None, ge=0, le=1, description="CDPO's absolute training constraint E[fidelity] >= this (from a large base "
+        "sample), instead of each run's epoch-0 mean - cdpo_fidelity_margin (16 images: it binds on the draw)."
+    )
     primary: Primary = Field(default_factory=Primary)
     gates: Gates
     secondary: Secondary = Field(default_factory=Secondary)

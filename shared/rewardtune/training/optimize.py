@@ -11,6 +11,7 @@ import torch
 from rewardtune.faults import fault_point
 from rewardtune.kl import gaussian_kl_same_std
 from rewardtune.losses import ppo_clipped_loss, ppo_diagnostics
+from rewardtune.lr_schedule import warmup_factor
 from rewardtune.numerics import StepHealth
 from rewardtune.temporal import clipped_value_loss
 from rewardtune.training.logprob import PolicyDensity, flat_view, is_row_field, reference_policy
@@ -129,6 +130,7 @@ class PPOUpdate:
                     if synced:
                         self.clip_gradients()
                         self.progress.global_step += 1
+                        self.set_policy_learning_rate()
                         if run.critics is not None:
                             fault_point("critic_update")
                     run.optimizer.step()
@@ -154,6 +156,15 @@ class PPOUpdate:
         probe = {name: batch[name][rows, run.num_train_steps - 1] for name in per_step}
         probe |= {name: value[rows] for name, value in batch.items() if is_row_field(name)}
         return probe
+
+    def set_policy_learning_rate(self) -> None:
+        """The warm-up's rate for this optimizer step (`progress.global_step`, already counted); the critic's
+        group keeps its constant rate."""
+        t = self.run.cfg.training
+        rate = t.learning_rate * warmup_factor(self.progress.global_step, t.lr_warmup_steps)
+        for group in self.run.optimizer.param_groups:
+            if group.get("name") != "critic":
+                group["lr"] = rate
 
     def clip_gradients(self) -> None:
         """Unscale once (one optimizer, however many networks), then clip each network's norm separately.
