@@ -1,0 +1,72 @@
+"""Calibration pilots of the overoptimization benchmark: single runs (pilot seeds only, never confirmatory
+seeds) through the benchmark's own `execute`, so they train, evaluate and measure path KL exactly as a
+confirmatory run does. CALIBRATION.md, "Session 6", quotes them.
+
+    PYTHONPATH=shared python benchmarks/overopt/pilot_runs.py PROTOCOL OUT SET [--jobs 2]
+
+SET names a list of runs below. Resumable like the benchmark: a run with a result.json is not rerun.
+Print the tables with benchmarks/overopt/pilot_table.py OUT/runs/*/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from rewardtune.testbed.benchmark import RunSpec, execute
+from rewardtune.testbed.compare import write_prompts
+from rewardtune.testbed.protocol import load_protocol
+
+DDPO_V4 = ["training.learning_rate=5.0e-3", "training.batch_size=2"]
+DDPO_7E3 = ["training.learning_rate=7.0e-3", "training.lr_warmup_steps=8", "training.batch_size=2"]
+DDPO_6E3 = ["training.learning_rate=6.0e-3", "training.lr_warmup_steps=8", "training.batch_size=2"]
+TDPO_4E3 = ["training.learning_rate=4.0e-3", "training.lr_warmup_steps=20", "training.stat_tracking.enabled=false",
+            "algorithm.critic.learning_rate=1.0e-2"]
+PROXY, SHUFFLED = "testbed_proxy", "testbed_proxy_shuffled"
+
+SETS: dict[str, list[RunSpec]] = {
+    "shuffled": [
+        RunSpec("shuf_ddpo5e-3const", "ddpo", 100, SHUFFLED, DDPO_V4, True),
+        RunSpec("shuf_tdpo4e-3", "tdpo", 100, SHUFFLED, TDPO_4E3, True),
+        RunSpec("shuf_ddpo7e-3_clip0.1", "ddpo", 100, SHUFFLED, [*DDPO_7E3, "training.clip_range=0.1"], True),
+        RunSpec("shuf_ddpo7e-3", "ddpo", 101, SHUFFLED, DDPO_7E3, True),
+    ],
+    "family": [  # the protocol must set cdpo_fidelity_threshold for CDPO's absolute constraint
+        RunSpec("cdpo", "cdpo", 100, PROXY, TDPO_4E3), RunSpec("tdpo_r", "tdpo_r", 100, PROXY, TDPO_4E3),
+        RunSpec("cdpo", "cdpo", 101, PROXY, TDPO_4E3), RunSpec("tdpo_r", "tdpo_r", 101, PROXY, TDPO_4E3),
+        RunSpec("shuf_tdpo4e-3", "tdpo", 101, SHUFFLED, TDPO_4E3, True),
+    ],
+    "ddpo6e-3": [
+        RunSpec("ddpo6e-3", "ddpo", 100, PROXY, DDPO_6E3), RunSpec("shuf_ddpo6e-3", "ddpo", 100, SHUFFLED, DDPO_6E3, True),
+        RunSpec("ddpo6e-3", "ddpo", 101, PROXY, DDPO_6E3), RunSpec("gold_ddpo6e-3", "ddpo", 100, "testbed_gold", DDPO_6E3, True),
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("protocol")
+    parser.add_argument("out")
+    parser.add_argument("set", choices=sorted(SETS))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    protocol, out = load_protocol(args.protocol), Path(args.out)
+    if any(spec.seed < 100 for spec in SETS[args.set]):
+        print("error: pilot runs use pilot seeds (>= 100) only", file=sys.stderr)
+        return 2
+    write_prompts(out / "prompts")
+    todo = [s for s in SETS[args.set] if not (out / "runs" / s.name / "result.json").is_file()]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(execute, protocol.model_dump_json(), json.dumps(asdict(s)), str(out), 1) for s in todo]
+        for spec, future in zip(todo, futures, strict=True):
+            future.result()
+            print(f"done: {spec.name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
