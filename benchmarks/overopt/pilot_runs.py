@@ -23,7 +23,6 @@ from rewardtune.testbed.protocol import load_protocol
 
 DDPO_V4 = ["training.learning_rate=5.0e-3", "training.batch_size=2"]
 DDPO_7E3 = ["training.learning_rate=7.0e-3", "training.lr_warmup_steps=8", "training.batch_size=2"]
-DDPO_6E3 = ["training.learning_rate=6.0e-3", "training.lr_warmup_steps=8", "training.batch_size=2"]
 TDPO_4E3 = ["training.learning_rate=4.0e-3", "training.lr_warmup_steps=20", "training.stat_tracking.enabled=false",
             "algorithm.critic.learning_rate=1.0e-2"]
 PROXY, SHUFFLED = "testbed_proxy", "testbed_proxy_shuffled"
@@ -39,10 +38,6 @@ SETS: dict[str, list[RunSpec]] = {
         RunSpec("cdpo", "cdpo", 100, PROXY, TDPO_4E3), RunSpec("tdpo_r", "tdpo_r", 100, PROXY, TDPO_4E3),
         RunSpec("cdpo", "cdpo", 101, PROXY, TDPO_4E3), RunSpec("tdpo_r", "tdpo_r", 101, PROXY, TDPO_4E3),
         RunSpec("shuf_tdpo4e-3", "tdpo", 101, SHUFFLED, TDPO_4E3, True),
-    ],
-    "ddpo6e-3": [
-        RunSpec("ddpo6e-3", "ddpo", 100, PROXY, DDPO_6E3), RunSpec("shuf_ddpo6e-3", "ddpo", 100, SHUFFLED, DDPO_6E3, True),
-        RunSpec("ddpo6e-3", "ddpo", 101, PROXY, DDPO_6E3), RunSpec("gold_ddpo6e-3", "ddpo", 100, "testbed_gold", DDPO_6E3, True),
     ],
 }
 

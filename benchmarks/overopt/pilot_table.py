@@ -16,7 +16,7 @@ BUDGET, LEVEL = 28, 0.02
 def row(run_dir: Path) -> str:
     c = json.loads((run_dir / "result.json").read_text())["curves"]
     epochs = [0 if name == "base" else int(name.split("-")[1]) for name in c["checkpoint"]]
-    points = [i for i, e in enumerate(epochs) if 0 < e <= BUDGET and not c["checkpoint"][i].endswith("post-reset")]
+    points = [i for i, e in enumerate(epochs) if 0 < e <= BUDGET]  # curves hold no post-reset duplicates
     gain = {i: c["proxy"][i] - c["proxy"][0] for i in points}
     last = max(points, key=lambda i: epochs[i])
     first = next((epochs[i] for i in points if gain[i] >= LEVEL), None)
