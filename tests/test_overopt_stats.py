@@ -84,3 +84,25 @@ def test_sqrt_kl_fit_recovers_gao_coefficients():
     assert stats.fit_gold_vs_sqrt_kl([0.0, 0.0], [0.0, 0.0]) is None
     ci = stats.bootstrap_fit([(d, r), (d, r)], resamples=50)
     assert ci["alpha"] == pytest.approx([0.3, 0.3]) and ci["beta"] == pytest.approx([0.1, 0.1])
+
+
+def test_bonferroni_reading_widens_each_interval(tmp_path, capsys):
+    """benchmarks/overopt/multiplicity.py: intervals at 1 − 0.05/3 for three methods. For d = (0, 0.01, 0.02)
+    the t interval is 0.01 ± t · 0.01/√3, with t = √(2q²/(1 − q²)) = 7.649 for df 2, q = 1 − 0.05/3: ±0.04416."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "overopt" / "multiplicity.py"
+    spec = importlib.util.spec_from_file_location("multiplicity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    delta = {"differences": [0.0, 0.01, 0.02], "sesoi": 0.05}
+    results = {"arms": {"ddpo": {"delta": None}, "a": {"delta": delta}, "b": {"delta": delta}, "c": {"delta": delta}}}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    assert module.main([str(tmp_path / "r.json")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| a |")]
+    low, high = (float(x) for x in rows[0].split("|")[2].strip(" []").split(","))
+    assert low == pytest.approx(0.01 - 0.04416, abs=1e-4) and high == pytest.approx(0.01 + 0.04416, abs=1e-4)
+    assert rows[0].rstrip(" |").endswith("False")  # 0.054 > SESOI 0.05
+    assert module.main([]) == 2
