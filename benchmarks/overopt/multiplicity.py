@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from rewardtune.testbed.stats import bootstrap_ci, paired_t_ci
 
@@ -17,7 +18,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: multiplicity.py RESULTS_JSON", file=sys.stderr)
         return 2
-    results = json.loads(open(argv[0]).read())
+    results = json.loads(Path(argv[0]).read_text())
     methods = [a for a in results["arms"] if results["arms"][a].get("delta")]
     level = 1 - 0.05 / len(methods)
     print(f"| method | paired t at {level:.4f} | bootstrap (10,000) at {level:.4f} | both upper bounds < SESOI |")
