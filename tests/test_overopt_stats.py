@@ -97,12 +97,15 @@ def test_bonferroni_reading_widens_each_interval(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("multiplicity", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    delta = {"differences": [0.0, 0.01, 0.02], "sesoi": 0.05}
-    results = {"arms": {"ddpo": {"delta": None}, "a": {"delta": delta}, "b": {"delta": delta}, "c": {"delta": delta}}}
+    delta = {"differences": [0.0, 0.01, 0.02], "sesoi": 0.05,
+             "secondary": {"final_gold_gain": 0.01, "gold_at_gain_interpolated": 0.01}}
+    results = {"arms": {"ddpo": {"delta": None}, "a": {"delta": delta}, "b": {"delta": delta}, "c": {"delta": delta}},
+               "protocol": {"primary": {"level": 0.95, "bootstrap_resamples": 1000, "bootstrap_seed": 0}},
+               "gates_hold": True}
     (tmp_path / "r.json").write_text(json.dumps(results))
     assert module.main([str(tmp_path / "r.json")]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| a |")]
     low, high = (float(x) for x in rows[0].split("|")[2].strip(" []").split(","))
     assert low == pytest.approx(0.01 - 0.04416, abs=1e-4) and high == pytest.approx(0.01 + 0.04416, abs=1e-4)
-    assert rows[0].rstrip(" |").endswith("False")  # 0.054 > SESOI 0.05
+    assert rows[0].rstrip(" |").endswith(INCONCLUSIVE)  # lower bound < 0, upper 0.054 > SESOI 0.05
     assert module.main([]) == 2

@@ -1,5 +1,6 @@
-"""The Bonferroni reading of a benchmark's three comparisons (PROTOCOL.md, "Decision rule", says a reader
-may apply one): each δ's paired-t and bootstrap intervals at 1 − 0.05/3, and the rule's verdict on them.
+"""The Bonferroni reading of a benchmark's comparisons (PROTOCOL.md, "Decision rule", says a reader may
+apply one): each δ's paired-t and bootstrap intervals at 1 − 0.05/m for m methods, and the pre-registered
+rule (`stats.verdict`, with the run's own secondary signs, gates, resamples and seed) applied to them.
 A reading, not the pre-registered verdict (that is results.json's, at 95% each).
 
     PYTHONPATH=shared python benchmarks/overopt/multiplicity.py RESULTS_JSON
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from rewardtune.testbed.stats import bootstrap_ci, paired_t_ci
+from rewardtune.testbed.stats import bootstrap_ci, paired_t_ci, verdict
 
 
 def main(argv: list[str]) -> int:
@@ -19,16 +20,21 @@ def main(argv: list[str]) -> int:
         print("usage: multiplicity.py RESULTS_JSON", file=sys.stderr)
         return 2
     results = json.loads(Path(argv[0]).read_text())
+    primary = results["protocol"]["primary"]
     methods = [a for a in results["arms"] if results["arms"][a].get("delta")]
-    level = 1 - 0.05 / len(methods)
-    print(f"| method | paired t at {level:.4f} | bootstrap (10,000) at {level:.4f} | both upper bounds < SESOI |")
+    level = 1 - (1 - primary["level"]) / len(methods)
+    print(f"| method | paired t at {level:.4f} | bootstrap ({primary['bootstrap_resamples']:,}) at {level:.4f} | rule's verdict at {level:.4f} |")
     print("|---|---|---|---|")
     for arm in methods:
         delta = results["arms"][arm]["delta"]
         diffs = [d for d in delta["differences"] if d is not None]
-        t, b = paired_t_ci(diffs, level), bootstrap_ci(diffs, 10_000, level, 0)
-        print(f"| {arm} | [{t.low:+.4f}, {t.high:+.4f}] | [{b.low:+.4f}, {b.high:+.4f}] | "
-              f"{t.high < delta['sesoi'] and b.high < delta['sesoi']} |")
+        t = paired_t_ci(diffs, level)
+        b = bootstrap_ci(diffs, primary["bootstrap_resamples"], level, primary["bootstrap_seed"])
+        # as the benchmark does: a secondary δ without a value counts as disagreeing in sign
+        signs = [delta["secondary"][key] if delta["secondary"][key] is not None else -1.0
+                 for key in ("final_gold_gain", "gold_at_gain_interpolated")]
+        label, _ = verdict(t, b, signs, delta["sesoi"], results["gates_hold"])
+        print(f"| {arm} | [{t.low:+.4f}, {t.high:+.4f}] | [{b.low:+.4f}, {b.high:+.4f}] | {label} |")
     return 0
 
 
