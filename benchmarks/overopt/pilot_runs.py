@@ -27,8 +27,6 @@ TDPO_4E3 = ["training.learning_rate=4.0e-3", "training.lr_warmup_steps=20", "tra
             "algorithm.critic.learning_rate=1.0e-2"]
 DDPO_32W = ["training.learning_rate=5.0e-3", "training.lr_warmup_steps=8", "training.batch_size=4",
             "sampling.batches_per_epoch=4", "training.fused_steps=10"]  # 32 images/epoch, still 8 steps
-DDPO_16W = ["training.learning_rate=5.0e-3", "training.lr_warmup_steps=8", "training.batch_size=2",
-            "training.fused_steps=10"]
 PROXY, SHUFFLED = "testbed_proxy", "testbed_proxy_shuffled"
 
 SETS: dict[str, list[RunSpec]] = {
@@ -48,9 +46,6 @@ SETS: dict[str, list[RunSpec]] = {
         RunSpec("shuf_ddpo32w", "ddpo", 100, SHUFFLED, DDPO_32W, True),
         *[RunSpec("ddpo32w", "ddpo", seed, PROXY, DDPO_32W) for seed in (102, 103)],
         RunSpec("shuf_ddpo32w", "ddpo", 101, SHUFFLED, DDPO_32W, True),
-        *[RunSpec("ddpo16w", "ddpo", seed, PROXY, DDPO_16W) for seed in (100, 101, 102, 103)],
-        *[RunSpec("ddpo32w", "ddpo", seed, PROXY, DDPO_32W) for seed in (104, 105)],
-        RunSpec("shuf_ddpo32w", "ddpo", 102, SHUFFLED, DDPO_32W, True),
     ],
 }
 
