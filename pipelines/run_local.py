@@ -16,10 +16,13 @@ calibrated overrides (and CDPO's fidelity constraint) from a benchmark protocol'
 """
 
 import argparse
+import builtins
+import contextlib
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +87,21 @@ def parse_arm_set(item: str, algorithms: list[str]) -> tuple[str, str]:
     return name, override
 
 
+@contextlib.contextmanager
+def print_restored() -> Iterator[None]:
+    """Put `builtins.print` back as it was on the way out.
+
+    kfp.local indents each task's logs by swapping `builtins.print` for a wrapper and restoring the one it saw
+    on entry; tasks that run concurrently (ParallelFor iterations) restore out of order and leave wrappers
+    installed, so every later print in the process gains 4 spaces per leaked level.
+    """
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
 def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config: Path = DEFAULT_CONFIG,
               algorithms: list[str] | None = None, arm_overrides: dict[str, list[str]] | None = None,
               sets: list[str] | None = None) -> tuple[Path, list[Path]]:
@@ -101,9 +119,10 @@ def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config
     if len(algorithms or []) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // min(2, len(algorithms)))))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    alignment_pipeline(config=local_config_text(config, model_dir, sets), epochs=epochs, model_cache_uri=str(root / "model-cache"),
-                       checkpoint_dir=str(root / "checkpoints"),
-                       algorithms=list(algorithms or []), arm_overrides=dict(arm_overrides or {}))
+    with print_restored():
+        alignment_pipeline(config=local_config_text(config, model_dir, sets), epochs=epochs,
+                           model_cache_uri=str(root / "model-cache"), checkpoint_dir=str(root / "checkpoints"),
+                           algorithms=list(algorithms or []), arm_overrides=dict(arm_overrides or {}))
     reports = sorted(root.rglob("html"), key=lambda p: p.stat().st_mtime)
     if not reports:
         raise RuntimeError(f"the pipeline finished but wrote no report under {root}")
@@ -143,13 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     report, run_dirs = run_local(args.root, args.model, args.epochs, args.config, algorithms, overrides, args.sets)
-    # kfp.local may leave its indenting stdout wrapper installed; the summary goes to the real stdout.
-    out = sys.__stdout__
-    print(f"pipeline finished in {time.perf_counter() - start:.0f} s", file=out)
-    print(f"report: {report}", file=out)
+    print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
+    print(f"report: {report}")
     for run_dir in run_dirs:
-        print(f"run: {run_dir} (metrics.jsonl, checkpoints/)", file=out)
-    print(f"all artifacts: {args.root}", file=out)
+        print(f"run: {run_dir} (metrics.jsonl, checkpoints/)")
+    print(f"all artifacts: {args.root}")
     return 0
 
 

@@ -87,8 +87,8 @@ def parse_params(items: list[str], package_path: Path = DEFAULT_PACKAGE) -> dict
         else:
             try:
                 value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
+            except (yaml.YAMLError, ValueError, KeyError, AttributeError, TypeError, OverflowError):
+                value = raw  # e.g. `!!timestamp a`: PyYAML raises plain errors for tags it cannot build
         check, expected = _TYPES[types[name]]
         if not check(value):
             raise ScheduleError(f"--param {name}={raw}: must be {expected} ({types[name]} in the pipeline)")

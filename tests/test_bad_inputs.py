@@ -140,6 +140,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                         r"broken\.yaml is not valid YAML at line"),
     "config-not-mapping": (lambda c: ["validate-config", "--config", str(c.write("list.yaml", "- a\n- b\n"))],
                            r"config must be a YAML mapping"),
+    # PyYAML raises AttributeError (not YAMLError) for a `!!timestamp` it cannot build: still one line, exit 2
+    "override-tagged-unbuildable": (lambda c: c.train("training.epochs=!!timestamp a"),
+                                    r"override 'training\.epochs=!!timestamp a': the value is not valid YAML .*quote it"),
+    "config-tagged-unbuildable": (lambda c: ["validate-config", "--config", str(c.write("tagged.yaml", "training: {epochs: !!int x}\n"))],
+                                  r"tagged\.yaml is not valid YAML \(a tagged value PyYAML cannot build: ValueError"),
     "override-without-value": (lambda c: c.train("training.epochs"), r"override 'training\.epochs' must look like section\.key=value"),
     # prompt files
     "empty-prompt-file": (lambda c: c.train(f"prompts.source={c.write('empty.txt', '')}"), r"empty\.txt holds no prompts; put one prompt per line"),

@@ -31,7 +31,34 @@ def nested(outer_items: list, inner_items: list) -> str:
 
 
 def test_nested_loops_collect_in_order_and_the_outer_item_is_replaced_inside_the_inner_loop(tmp_path):
+    from pipelines.run_local import print_restored
+
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
-    result = nested(outer_items=["a", "b"], inner_items=["x", "y"]).output
+    with print_restored():
+        result = nested(outer_items=["a", "b"], inner_items=["x", "y"]).output
     # a correct runner would give "a/x,a/y,b/x,b/y": the outer item is overwritten by the inner one
     assert result == "x/x,y/y,x/x,y/y"
+
+
+def test_indented_print_restored_out_of_order_leaks_and_print_restored_undoes_it(capsys):
+    """kfp.local's `indented_print` (entered around every task) restores the print it saw on entry; two tasks
+    that overlap and finish first-in-first-out leave the second one's wrapper behind for good. This leak put
+    28 spaces before every line a later test printed (CI, round 2). `print_restored` is run_local's guard."""
+    import builtins
+
+    from kfp.local import logging_utils
+
+    from pipelines.run_local import print_restored
+
+    original = builtins.print
+    with print_restored():
+        first, second = logging_utils.indented_print(), logging_utils.indented_print()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
+        assert builtins.print is not original  # kfp's own behaviour: the first task's wrapper stays installed
+        print("inside")
+    assert builtins.print is original
+    print("after")
+    assert capsys.readouterr().out.splitlines() == ["    inside", "after"]

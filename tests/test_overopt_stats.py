@@ -102,10 +102,11 @@ def test_bonferroni_reading_widens_each_interval(tmp_path, capsys):
     results = {"arms": {"ddpo": {"delta": None}, "a": {"delta": delta}, "b": {"delta": delta}, "c": {"delta": delta}},
                "protocol": {"primary": {"level": 0.95, "bootstrap_resamples": 1000, "bootstrap_seed": 0}},
                "gates_hold": True}
-    (tmp_path / "r.json").write_text(json.dumps(results))
-    assert module.main([str(tmp_path / "r.json")]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| a |")]
+    rows = [row for row in module.bonferroni_rows(results) if row.startswith("| a |")]
     low, high = (float(x) for x in rows[0].split("|")[2].strip(" []").split(","))
     assert low == pytest.approx(0.01 - 0.04416, abs=1e-4) and high == pytest.approx(0.01 + 0.04416, abs=1e-4)
     assert rows[0].rstrip(" |").endswith(INCONCLUSIVE)  # lower bound < 0, upper 0.054 > SESOI 0.05
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    assert module.main([str(tmp_path / "r.json")]) == 0
+    assert "| a | [" in capsys.readouterr().out
     assert module.main([]) == 2

@@ -11,20 +11,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rewardtune.testbed.stats import bootstrap_ci, paired_t_ci, verdict
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: multiplicity.py RESULTS_JSON", file=sys.stderr)
-        return 2
-    results = json.loads(Path(argv[0]).read_text())
+def bonferroni_rows(results: dict[str, Any]) -> list[str]:
+    """The Markdown table: one row per method compared with DDPO, intervals at 1 − (1 − level)/m."""
     primary = results["protocol"]["primary"]
     methods = [a for a in results["arms"] if results["arms"][a].get("delta")]
     level = 1 - (1 - primary["level"]) / len(methods)
-    print(f"| method | paired t at {level:.4f} | bootstrap ({primary['bootstrap_resamples']:,}) at {level:.4f} | rule's verdict at {level:.4f} |")
-    print("|---|---|---|---|")
+    rows = [f"| method | paired t at {level:.4f} | bootstrap ({primary['bootstrap_resamples']:,}) at {level:.4f} "
+            f"| rule's verdict at {level:.4f} |", "|---|---|---|---|"]
     for arm in methods:
         delta = results["arms"][arm]["delta"]
         diffs = [d for d in delta["differences"] if d is not None]
@@ -34,7 +32,15 @@ def main(argv: list[str]) -> int:
         signs = [delta["secondary"][key] if delta["secondary"][key] is not None else -1.0
                  for key in ("final_gold_gain", "gold_at_gain_interpolated")]
         label, _ = verdict(t, b, signs, delta["sesoi"], results["gates_hold"])
-        print(f"| {arm} | [{t.low:+.4f}, {t.high:+.4f}] | [{b.low:+.4f}, {b.high:+.4f}] | {label} |")
+        rows.append(f"| {arm} | [{t.low:+.4f}, {t.high:+.4f}] | [{b.low:+.4f}, {b.high:+.4f}] | {label} |")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: multiplicity.py RESULTS_JSON", file=sys.stderr)
+        return 2
+    print("\n".join(bonferroni_rows(json.loads(Path(argv[0]).read_text()))))
     return 0
 
 

@@ -601,17 +601,30 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_yaml(text: str, what: str, fix: str) -> Any:
+    """`yaml.safe_load` whose every failure is a one-line `ConfigError`.
+
+    PyYAML's constructors raise plain Python errors for explicitly tagged scalars they cannot build
+    (`!!timestamp a` raises AttributeError, `!!int a` ValueError, `!!bool x` KeyError), not YAMLError.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} is not valid YAML{where} ({getattr(err, 'problem', None) or err}); {fix}") from None
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as err:
+        raise ConfigError(f"{what} is not valid YAML (a tagged value PyYAML cannot build: "
+                          f"{type(err).__name__}: {err}); {fix}") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides; values are parsed as YAML scalars (numbers, bools, lists)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. training.epochs=3)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
-                              "quote it, e.g. key='value'") from None
+        value = parse_yaml(raw, f"override '{item}': the value", "quote it, e.g. key='value'")
         _set_dotted(data, key.strip(), value)
     return data
 
@@ -635,10 +648,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_config(data, overrides)
+    return parse_config(parse_yaml(text, f"config file {path}", "fix the file (see configs/ for examples)"), overrides)

@@ -85,7 +85,7 @@ def read_saved_config(checkpoint: Path) -> dict[str, Any] | None:
         return None
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, AttributeError, TypeError, OverflowError):
         data = None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {checkpoint}: {CONFIG_FILE} is not a config mapping (damaged); resume from "

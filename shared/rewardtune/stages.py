@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from rewardtune.checkpoint import write_text_atomic
-from rewardtune.config import RunConfig, load_config, parse_config
+from rewardtune.config import RunConfig, load_config, parse_config, parse_yaml
 from rewardtune.errors import ConfigError, RewardtuneError, Terminated
 from rewardtune.prompts import check_token_lengths, load_prompts, split_prompts
 
@@ -33,14 +33,10 @@ def resolve_config(config: str, overrides: list[str] | None = None) -> RunConfig
     """A config given as YAML text, a local path, a file:// URI or an s3:// URI (pipeline parameters are strings)."""
     text = config.strip()
     if text.startswith("s3://"):
-        return parse_config(yaml.safe_load(_read_s3_text(text)), overrides)
+        return parse_config(parse_yaml(_read_s3_text(text), f"config {text}", "fix the object's YAML"), overrides)
     if "\n" not in text and (text.startswith("file://") or text.endswith((".yaml", ".yml"))):
         return load_config(text.removeprefix("file://"), overrides)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config text is not valid YAML: {getattr(err, 'problem', err)}") from None
-    return parse_config(data, overrides)
+    return parse_config(parse_yaml(text, "config text", "fix the YAML (see configs/ for examples)"), overrides)
 
 
 def _read_s3_text(uri: str) -> str:
