@@ -31,6 +31,7 @@ from tests.faulty_proxy import FaultyProxy
 from tests.test_cache import aws_env, s3_endpoint  # noqa: F401  (fixtures)
 
 ATTEMPTS = 3
+READ_TIMEOUT_S = 3.0
 
 
 def _tree_sha(root: Path) -> dict[str, str]:
@@ -39,11 +40,14 @@ def _tree_sha(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def proxy(aws_env, s3_endpoint, monkeypatch):  # noqa: F811
-    """Clients talk to the proxy; the retry budget and read timeout are small so faults cost seconds."""
-    with FaultyProxy(s3_endpoint, slow_s=2.0) as faulty:
+    """Clients talk to the proxy; the retry budget and read timeout are small so faults cost seconds.
+
+    The read timeout must still clear a pass-through upload on a loaded machine: at 0.5 s, a model file's PUT
+    that took 1.05 s in a full suite run counted as a failed attempt. A "slow" answer stays well past it."""
+    with FaultyProxy(s3_endpoint, slow_s=2 * READ_TIMEOUT_S) as faulty:
         monkeypatch.setenv("RT_S3_ENDPOINT_URL", faulty.url)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(ATTEMPTS))
-        monkeypatch.setenv("RT_S3_READ_TIMEOUT_S", "0.5")
+        monkeypatch.setenv("RT_S3_READ_TIMEOUT_S", str(READ_TIMEOUT_S))
         monkeypatch.setenv("RT_S3_CONNECT_TIMEOUT_S", "2")
         yield faulty
 
@@ -69,7 +73,7 @@ def test_retry_policy_is_botocores_standard_mode(bucket):
     cache = S3Cache(f"s3://{bucket}/c")
     config = cache.client.meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": ATTEMPTS}
-    assert config.read_timeout == 0.5 and config.connect_timeout == 2
+    assert config.read_timeout == READ_TIMEOUT_S and config.connect_timeout == 2
 
 
 def test_upload_survives_500_503_slow_and_dropped_puts(model, bucket, proxy):
