@@ -39,8 +39,13 @@ def _env(changes: Mapping[str, str | None]) -> Iterator[None]:
 
 def run_main(argv: list[str], env: Mapping[str, str | None] | None = None) -> CliResult:
     """`rewardtune ARGV` in this process; returns (exit status, stdout, stderr) like a subprocess would."""
+    from accelerate.state import AcceleratorState
+
     from rewardtune.cli import main
 
+    # a process starts without accelerate's singleton state: a case with another mixed_precision than the last
+    # one's must not meet "AcceleratorState has already been initialized" (accelerate's own tests reset it so)
+    AcceleratorState._reset_state(reset_partial_state=True)
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -19,6 +19,7 @@ import yaml
 
 from tests.cli_runner import run_cli
 from tests.conftest import merge_sections, one_epoch_lora_dict
+from tests.damage import rehash_checkpoint
 
 
 @dataclass
@@ -85,6 +86,22 @@ def _constraint(**fields: object) -> dict:
     return {"name": "cdpo", "constraints": [{"reward": {"name": "jpeg_compressibility"}, **fields}]}
 
 
+def _model_without_tokenizer_config(c: Ctx) -> list[str]:
+    """Without tokenizer_config.json, transformers gives the tokenizer model_max_length 1e30 (padding overflows)."""
+    model = Path(shutil.copytree(c.model_copy, c.root / "no-tokenizer-config"))
+    (model / "tokenizer" / "tokenizer_config.json").unlink()
+    return c.train(f"model.source={model}")
+
+
+def _evaluate_damaged_trainer_state(c: Ctx) -> list[str]:
+    """trainer_state.json emptied and the manifest re-hashed to match: the checkpoint verifies, its state is junk."""
+    run = Path(shutil.copytree(c.run, c.root / "junk-state"))
+    checkpoint = run / "checkpoints" / "epoch-000001"
+    (checkpoint / "trainer_state.json").write_text("")
+    rehash_checkpoint(checkpoint)
+    return ["evaluate", "--config", str(c.config), "--run", str(run), "--out", str(run / "eval"), "--checkpoint", checkpoint.name]
+
+
 def _cuda(c: Ctx) -> list[str]:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -119,6 +136,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "clip-range-negative": (lambda c: c.train("training.clip_range=-0.1"), r"training\.clip_range: .*greater than 0"),
     "reset-fraction-above-one": (lambda c: c.train("algorithm.reset.fraction=1.5"), r"algorithm\.reset\.fraction: .*less than or equal to 1"),
     "reset-fraction-negative": (lambda c: c.train("algorithm.reset.fraction=-0.2"), r"algorithm\.reset\.fraction: .*greater than or equal to 0"),
+    "resolution-not-vae-multiple": (lambda c: c.train("sampling.resolution=33"),
+                                    r"sampling\.resolution=33 must be a multiple of the VAE's downsampling factor 2; use e\.g\. 32"),
     "lora-rank-zero": (lambda c: c.train("model.lora_rank=0"), r"model\.lora_rank: .*greater than or equal to 1"),
     "indivisible-batch": (lambda c: c.train("training.batch_size=3"), r"training\.batch_size=3 must divide the 2 trajectories"),
     "template-without-slot": (lambda c: c.train("prompts.template='a photo'"), r"prompts\.template: template must contain '\{\}'"),
@@ -156,6 +175,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                         r"1 prompt\(s\) exceed the tokenizer's 77 tokens \(first: 'a cat a cat.*shorten them"),
     # models and checkpoints
     "model-dir-missing": (lambda c: c.train(f"model.source={c.root / 'no-such-model'}"), r"no-such-model does not exist; build one"),
+    "model-tokenizer-config-missing": (_model_without_tokenizer_config,
+                                       r"tokenizer's model_max_length \(1e\+30\) does not fit the text encoder's \d+ "
+                                       r"positions .*re-save the pipeline"),
+    "evaluate-checkpoint-junk-state": (_evaluate_damaged_trainer_state,
+                                       r"epoch-000001: trainer_state\.json is not a JSON object \(damaged\); evaluate another"),
     "model-missing-component": (lambda c: c.train(f"model.source={c.model_no_vae}"),
                                 r"model directory .*no-vae is missing the 'vae' component; re-save"),
     "checkpoint-other-lora-rank": (lambda c: c.resume("rank8", "model.lora_rank=8", "training.epochs=2"),

@@ -29,10 +29,11 @@ import yaml
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from rewardtune.checkpoint import MANIFEST, list_checkpoints, sha256_file, verify_checkpoint
+from rewardtune.checkpoint import MANIFEST, list_checkpoints, verify_checkpoint
 from rewardtune.metrics import MetricsLog
 from tests.cli_inproc import run_main
 from tests.conftest import one_epoch_lora_dict
+from tests.damage import files_of, rehash_checkpoint
 
 LONG = os.environ.get("RT_FUZZ_PROFILE", "default") == "long"
 SCALE = int(os.environ.get("RT_FUZZ_SCALE", "25")) if LONG else 1
@@ -344,21 +345,6 @@ def damage(path: Path, op: str, data) -> None:
         path.symlink_to(path)
 
 
-def files_of(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _rehash(checkpoint: Path) -> None:
-    manifest_path = checkpoint / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        manifest["files"] = {p.relative_to(checkpoint).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-                             for p in files_of(checkpoint) if p.name != MANIFEST}
-        manifest_path.write_text(json.dumps(manifest))
-    except (OSError, ValueError, TypeError, AttributeError):
-        pass  # the manifest itself was the damaged file
-
-
 @fuzz_settings(5)
 @given(st.data())
 def test_damaged_model_dir(base, data):
@@ -441,7 +427,7 @@ def test_damaged_checkpoint_resume_or_evaluate(base, data):
         target = data.draw(st.sampled_from(files_of(checkpoint) + [run / "metrics.jsonl"]), label="file")
         damage(target, data.draw(st.sampled_from(DAMAGE), label="op"), data)
         if data.draw(st.booleans(), label="rehash"):
-            _rehash(checkpoint)
+            rehash_checkpoint(checkpoint)
         if data.draw(st.booleans(), label="evaluate"):
             argv = ["evaluate", "--config", str(base["config"]), "--run", str(run), "--out", str(run / "eval")]
             box.run("checkpoint-evaluate", argv, base, run)

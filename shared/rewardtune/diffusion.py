@@ -15,6 +15,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from rewardtune.errors import ConfigError
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -237,7 +239,8 @@ def sample_trajectories(
     batch = prompt_embeds.shape[0]
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % vae_factor:
-        raise ValueError(f"sampling.resolution={resolution} must be a multiple of the VAE factor {vae_factor}")
+        raise ConfigError(f"sampling.resolution={resolution} must be a multiple of the VAE's downsampling factor "
+                          f"{vae_factor}; use e.g. {max(vae_factor, resolution // vae_factor * vae_factor)}")
     scheduler.set_timesteps(num_steps, device=device)
     shape = (batch, unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma

@@ -260,7 +260,16 @@ def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
     path = run_dir / "checkpoints" / name
     manifest = json.loads((path / "manifest.json").read_text())
     state_file = path / "trainer_state.json"
-    samples = json.loads(state_file.read_text()).get("samples_seen") if state_file.is_file() else None
+    samples = None
+    if state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            state = None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {path}: trainer_state.json is not a JSON object (damaged); "
+                                  "evaluate another checkpoint")
+        samples = state.get("samples_seen")
     return {"epoch": manifest["epochs_done"], "kind": manifest["kind"], "samples": samples}
 
 
@@ -523,6 +532,7 @@ def evaluate_run(
     for name in names[1:]:  # before any work: a mismatch must not cost a base-model evaluation first
         path = run_dir / "checkpoints" / name
         check_trained_with(path, verify_checkpoint(path), cfg)
+    infos = {name: checkpoint_info(run_dir, name) for name in names}  # a damaged state file refuses here too
     remove_stale_results(out_dir)
     todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
     paths = [out_dir / n / "metrics.json" for n in names]
@@ -545,7 +555,7 @@ def evaluate_run(
             base_embeddings = embeddings
         metrics = {
             "checkpoint": name,
-            **checkpoint_info(run_dir, name),
+            **infos[name],
             "train_reward": cfg.reward.name,
             "embedding": ev.embedder.name,
             "images_per_prompt": cfg.evaluation.images_per_prompt,

@@ -85,6 +85,9 @@ class PolicyFamily(Protocol):
 
     def encode(self, prompts: list[str], negative_prompt: str = "") -> Conditioning: ...
 
+    def check_resolution(self, resolution: int) -> None:
+        """Raise `ConfigError` unless the model can sample images of this side (its latent grid's multiple)."""
+
     def initial_latents(self, batch: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor: ...
 
     def steps(self, num_steps: int, resolution: int) -> list[Step]: ...

@@ -16,6 +16,7 @@ from rewardtune.diffusion import (
     encode_prompts,
     guided_noise_pred,
 )
+from rewardtune.errors import ConfigError
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora
 from rewardtune.models import load_policy_weights, save_policy
@@ -44,10 +45,15 @@ class SDFamily:
     def vae_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
-    def initial_latents(self, batch: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
+    def check_resolution(self, resolution: int) -> None:
         factor = self.vae_factor()
         if resolution % factor:
-            raise ValueError(f"sampling.resolution={resolution} must be a multiple of the VAE factor {factor}")
+            raise ConfigError(f"sampling.resolution={resolution} must be a multiple of the VAE's downsampling factor "
+                              f"{factor}; use e.g. {max(factor, resolution // factor * factor)}")
+
+    def initial_latents(self, batch: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
+        self.check_resolution(resolution)
+        factor = self.vae_factor()
         shape = (batch, self.pipe.unet.config.in_channels, resolution // factor, resolution // factor)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return latents * self.scheduler.init_noise_sigma

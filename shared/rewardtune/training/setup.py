@@ -220,7 +220,9 @@ def _load_policy(cfg: RunConfig, device: torch.device, is_flow: bool):
     if not is_flow:
         pipe.scheduler.set_timesteps(cfg.sampling.num_steps, device=device)
     # samples through the unwrapped denoiser; the PPO loop passes the prepared one (`model=run.unet`)
-    return pipe, trainable, denoiser, make_family(pipe, eta=cfg.sampling.eta, flow=cfg.sampling.flow)
+    family = make_family(pipe, eta=cfg.sampling.eta, flow=cfg.sampling.flow)
+    family.check_resolution(cfg.sampling.resolution)  # before any work, not at the first batch
+    return pipe, trainable, denoiser, family
 
 
 def _check_prompt_lengths(tokenizer, prompts: list[str]) -> None:
