@@ -7,6 +7,7 @@ processes (forked from a preloaded server, see tests/cli_runner.py).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -102,6 +103,19 @@ def _evaluate_damaged_trainer_state(c: Ctx) -> list[str]:
     return ["evaluate", "--config", str(c.config), "--run", str(run), "--out", str(run / "eval"), "--checkpoint", checkpoint.name]
 
 
+def _reward_with_renamed_pad_token(c: Ctx) -> list[str]:
+    """A one-byte change in the tiny CLIPScore model's tokenizer_config.json (as the fuzz found): the renamed
+    pad token is added as a new token, one id past the text encoder's embedding."""
+    from rewardtune.rewards.tiny import init_tiny_rewards
+
+    reward = Path(init_tiny_rewards(c.root / "renamed-pad", names=["clipscore"])["clipscore"])
+    config = reward / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["pad_token"] = "<|endoGtext|>"
+    config.write_text(json.dumps(data))
+    return c.train("reward.name=clipscore", f"reward.source={reward}")
+
+
 def _cuda(c: Ctx) -> list[str]:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -187,6 +201,9 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "checkpoint-other-model": (lambda c: c.resume("othermodel", f"model.source={c.model_copy}", "training.epochs=2"),
                                r"trained with model_source=.*this config has .*other-model.*use a new --out"),
     # rewards and devices
+    "reward-tokenizer-past-embedding": (_reward_with_renamed_pad_token,
+                                        r"reward 'clipscore' could not be loaded from .*renamed-pad.*the tokenizer has "
+                                        r"\d+ tokens, more than the text encoder's \d+ embeddings"),
     "reward-nan": (lambda c: c.train("reward.name=aesthetic", f"reward.source={c.nan_reward}"),
                    r"reward 'aesthetic' returned 2 non-finite value\(s\) for prompts \['.+'\].*the step was refused"),
     "reward-inf": (lambda c: c.train("reward.name=aesthetic", f"reward.source={c.inf_reward}"),

@@ -72,3 +72,23 @@ def test_zero_std_last_step_is_refused():
     s.set_timesteps(10)
     with pytest.raises(ValueError, match="std 0"):
         ddim_step_with_logprob(s, torch.zeros(1, 4, 2, 2), s.timesteps[-1], torch.zeros(1, 4, 2, 2))
+
+
+def test_guided_noise_pred_gives_the_unet_embeddings_in_the_latents_dtype():
+    """Full fine-tune with `model.dtype: float16`: half embeddings from the frozen text encoder, float32 UNet.
+    A UNet returning x + mean(embeddings): eps_u = 0 (zero negative), eps_c = 2, so 0 + 3 (2 − 0) = 6."""
+    from types import SimpleNamespace
+
+    from rewardtune.diffusion import guided_noise_pred
+
+    seen = []
+
+    class Unet(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            seen.append(encoder_hidden_states.dtype)
+            return SimpleNamespace(sample=x + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1))
+
+    x = torch.zeros(1, 4, 2, 2)
+    cond, negative = torch.full((1, 3, 8), 2.0, dtype=torch.float16), torch.zeros(1, 3, 8, dtype=torch.float16)
+    out = guided_noise_pred(Unet(), x, torch.tensor(5), cond, negative, 3.0)
+    assert seen == [torch.float32] and torch.equal(out, torch.full_like(x, 6.0))

@@ -146,3 +146,18 @@ def test_fused_steps_must_divide_the_optimizer_step(tiny_model_dir, tmp_path):
 
     with pytest.raises(RewardtuneError, match="training.fused_steps=3"):
         _trainer(tiny_model_dir, tmp_path, ["training.fused_steps=3"])
+
+
+def test_full_fine_tune_beside_half_frozen_weights_trains(tmp_path, tiny_model_dir):
+    """`model.dtype: float16` with `finetune: full`: the text encoder and VAE are half, the trained UNet keeps
+    float32 master weights; the fuzz found the UNet refusing half embeddings (exit 1) before the fix."""
+    import math
+
+    from tests.conftest import one_epoch_lora_dict
+
+    cfg = parse_config(one_epoch_lora_dict(tiny_model_dir, model={"finetune": "full", "dtype": "float16"}))
+    trainer = Trainer(cfg, tmp_path / "out")
+    assert trainer.pipe.text_encoder.dtype == torch.float16 and trainer.policy.dtype == torch.float32
+    trainer.run()
+    [record] = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(record["reward_mean"]) and math.isfinite(record["approx_kl"])

@@ -177,7 +177,12 @@ def guided_noise_pred(
     negative_embeds: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free guidance in one batched UNet call: eps_u + w (eps_c - eps_u)."""
+    """Classifier-free guidance in one batched UNet call: eps_u + w (eps_c - eps_u).
+
+    The embeddings follow the latents' dtype (callers cast latents to the UNet's): with `model.dtype: float16`
+    and a full fine-tune the text encoder is half while the trained UNet keeps float32 master weights.
+    """
+    prompt_embeds, negative_embeds = prompt_embeds.to(latents.dtype), negative_embeds.to(latents.dtype)
     if guidance_scale == 1.0:
         return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
     timesteps = torch.as_tensor(timesteps, device=latents.device)

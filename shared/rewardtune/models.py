@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from rewardtune.config import ModelConfig, PerformanceConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.tokenizer_fit import tokenizer_misfit
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FLOW_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -92,12 +93,10 @@ def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RewardtuneError(f"could not load model.source {cfg.source} ({type(err).__name__}): {first[:200]}; check "
                               "its files or re-save the pipeline with save_pretrained") from None
-    positions = pipe.text_encoder.config.max_position_embeddings
-    if not 0 < pipe.tokenizer.model_max_length <= positions:  # transformers' default without a config is 1e30
-        raise RewardtuneError(f"model.source {cfg.source}: the tokenizer's model_max_length "
-                              f"({pipe.tokenizer.model_max_length:.3g}) does not fit the text encoder's {positions} "
-                              "positions (tokenizer/tokenizer_config.json missing or damaged?); re-save the pipeline "
-                              "with save_pretrained")
+    misfit = tokenizer_misfit(pipe.tokenizer, pipe.text_encoder.config)
+    if misfit:
+        raise RewardtuneError(f"model.source {cfg.source}: {misfit} (tokenizer/ missing or damaged?); re-save the "
+                              "pipeline with save_pretrained")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 

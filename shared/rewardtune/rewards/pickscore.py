@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rewardtune.cache import ModelRef, resolve_local, source_kind
 from rewardtune.rewards import register, register_sources, register_tower
 from rewardtune.rewards.towers import CLIP_FILES, ClipImageTower, tower_from_clip_model
+from rewardtune.tokenizer_fit import tokenizer_misfit
 
 DEFAULT_SOURCE = "yuvalkirstain/PickScore_v1"
 DEFAULT_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -60,6 +61,9 @@ def load_clip_text_image(name: str, spec, default_source: str, default_tokenizer
     tok_dir = directory if _has_tokenizer(directory) else resolve_local(
         spec.options.get("tokenizer_source", default_tokenizer), None, TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    misfit = tokenizer_misfit(tokenizer, model.config.text_config)
+    if misfit:
+        raise ValueError(f"{misfit} (tokenizer files in {tok_dir} damaged?)")
     return ClipTextImage(name, model, tokenizer, tower_from_clip_model(model, directory, device, dtype), mode, w)
 
 
