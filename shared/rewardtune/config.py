@@ -601,6 +601,10 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# What PyYAML's constructors raise, besides YAMLError, for explicitly tagged scalars they cannot build
+YAML_BUILD_ERRORS = (ValueError, KeyError, AttributeError, TypeError, OverflowError)
+
+
 def parse_yaml(text: str, what: str, fix: str) -> Any:
     """`yaml.safe_load` whose every failure is a one-line `ConfigError`.
 
@@ -613,7 +617,7 @@ def parse_yaml(text: str, what: str, fix: str) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{what} is not valid YAML{where} ({getattr(err, 'problem', None) or err}); {fix}") from None
-    except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as err:
+    except YAML_BUILD_ERRORS as err:
         raise ConfigError(f"{what} is not valid YAML (a tagged value PyYAML cannot build: "
                           f"{type(err).__name__}: {err}); {fix}") from None
 

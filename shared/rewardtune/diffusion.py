@@ -169,6 +169,13 @@ class PromptEmbeddingCache:
         return torch.stack([self.rows[p] for p in prompts])
 
 
+def require_resolution_multiple(resolution: int, multiple: int, of_what: str) -> None:
+    """`ConfigError` unless `sampling.resolution` is a multiple of the model's latent grid (`of_what` says whose)."""
+    if resolution % multiple:
+        raise ConfigError(f"sampling.resolution={resolution} must be a multiple of {of_what} {multiple}; "
+                          f"use e.g. {max(multiple, resolution // multiple * multiple)}")
+
+
 def guided_noise_pred(
     unet: torch.nn.Module,
     latents: torch.Tensor,
@@ -243,9 +250,7 @@ def sample_trajectories(
     device = prompt_embeds.device
     batch = prompt_embeds.shape[0]
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % vae_factor:
-        raise ConfigError(f"sampling.resolution={resolution} must be a multiple of the VAE's downsampling factor "
-                          f"{vae_factor}; use e.g. {max(vae_factor, resolution // vae_factor * vae_factor)}")
+    require_resolution_multiple(resolution, vae_factor, "the VAE's downsampling factor")
     scheduler.set_timesteps(num_steps, device=device)
     shape = (batch, unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma

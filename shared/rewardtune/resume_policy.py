@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from rewardtune.config import YAML_BUILD_ERRORS
 from rewardtune.errors import CheckpointError, RewardtuneError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def read_saved_config(checkpoint: Path) -> dict[str, Any] | None:
         return None
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, AttributeError, TypeError, OverflowError):
+    except (yaml.YAMLError, UnicodeDecodeError, *YAML_BUILD_ERRORS):
         data = None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {checkpoint}: {CONFIG_FILE} is not a config mapping (damaged); resume from "

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft.utils import get_peft_model_state_dict
 
 from rewardtune.config import FLOW_LORA_TARGETS
-from rewardtune.errors import ConfigError
+from rewardtune.diffusion import require_resolution_multiple
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora, load_lora_state
 from rewardtune.flow_sde import SdeType, euler_step, flow_posterior, flow_step_with_logprob, sde_steps
@@ -85,9 +85,7 @@ class FlowFamily:
     # ---------------------------------------------------------------- latents and schedule
     def check_resolution(self, resolution: int) -> None:
         multiple = self.vae_factor * (2 if self.name == "flux" else 1)  # FLUX packs 2×2 latent patches
-        if resolution % multiple:
-            raise ConfigError(f"sampling.resolution={resolution} must be a multiple of {multiple} for {self.name}; "
-                              f"use e.g. {max(multiple, resolution // multiple * multiple)}")
+        require_resolution_multiple(resolution, multiple, f"{self.name}'s latent grid")
 
     def _latent_hw(self, resolution: int) -> tuple[int, int]:
         self.check_resolution(resolution)

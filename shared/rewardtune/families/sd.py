@@ -15,8 +15,8 @@ from rewardtune.diffusion import (
     decode_latents,
     encode_prompts,
     guided_noise_pred,
+    require_resolution_multiple,
 )
-from rewardtune.errors import ConfigError
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora
 from rewardtune.models import load_policy_weights, save_policy
@@ -46,10 +46,7 @@ class SDFamily:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     def check_resolution(self, resolution: int) -> None:
-        factor = self.vae_factor()
-        if resolution % factor:
-            raise ConfigError(f"sampling.resolution={resolution} must be a multiple of the VAE's downsampling factor "
-                              f"{factor}; use e.g. {max(factor, resolution // factor * factor)}")
+        require_resolution_multiple(resolution, self.vae_factor(), "the VAE's downsampling factor")
 
     def initial_latents(self, batch: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
         self.check_resolution(resolution)
