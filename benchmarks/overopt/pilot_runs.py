@@ -28,6 +28,14 @@ TDPO_4E3 = ["training.learning_rate=4.0e-3", "training.lr_warmup_steps=20", "tra
 DDPO_32W = ["training.learning_rate=5.0e-3", "training.lr_warmup_steps=8", "training.batch_size=4",
             "sampling.batches_per_epoch=4", "training.fused_steps=10"]  # 32 images/epoch, still 8 steps
 PROXY, SHUFFLED = "testbed_proxy", "testbed_proxy_shuffled"
+GOLD = "testbed_gold"
+# Session 8 (issue 31): regimes where DDPO might overoptimize, DDPO on 16 images/epoch (the TDPO family's
+# sample count, so budgets match), 8 optimizer steps per epoch; each on the proxy and on gold (the oracle)
+REGIMES_V7 = {
+    "full3e-4": ["model.finetune=full", "training.learning_rate=3.0e-4", "training.lr_warmup_steps=8", "training.batch_size=2"],
+    "full1e-4": ["model.finetune=full", "training.learning_rate=1.0e-4", "training.lr_warmup_steps=8", "training.batch_size=2"],
+    "lora16": ["model.lora_rank=16", "training.learning_rate=2.0e-2", "training.lr_warmup_steps=8", "training.batch_size=2"],
+}
 
 SETS: dict[str, list[RunSpec]] = {
     "shuffled": [
@@ -47,6 +55,9 @@ SETS: dict[str, list[RunSpec]] = {
         *[RunSpec("ddpo32w", "ddpo", seed, PROXY, DDPO_32W) for seed in (102, 103)],
         RunSpec("shuf_ddpo32w", "ddpo", 101, SHUFFLED, DDPO_32W, True),
     ],
+    "v7a": [RunSpec(f"{regime}_{arm}", "ddpo", seed, reward, overrides, arm != "ddpo")
+            for seed in (100, 101) for regime, overrides in REGIMES_V7.items()
+            for arm, reward in (("ddpo", PROXY), ("gold", GOLD))],
 }
 
 
