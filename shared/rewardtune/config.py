@@ -296,6 +296,19 @@ class CriticConfig(_Strict):
     )
     kl_horizon: int = Field(2000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
     advantage_norm: Literal["global", "per_prompt"] = "global"
+    fit_passes: int = Field(
+        0,
+        ge=0,
+        description="Extra critic-only passes per epoch over the epoch's cached (critic input, return) pairs, after "
+        "the PPO update, on an unclipped squared error (a declared deviation: the official critic trains only "
+        "inside the PPO steps); 0 = official. Cheap: the inputs are cached, no UNet call.",
+    )
+    fit_batch_size: int = Field(128, ge=1, description="(sample, step) pairs per critic-only step of `fit_passes`.")
+    hold_value_at_zero: bool = Field(
+        False,
+        description="Use V = 0 in the advantage A_k = R_k - V(s_k) (the critic still trains): the `tdpo_nocritic` "
+        "control, which separates the critic's effect from the time-major loop's extra optimizer steps.",
+    )
     flow_state: Literal["x0_hat", "x_t"] = Field(
         "x0_hat",
         description="Flow families: the critic's state is the decoded x0_hat = x_t - sigma v (no extra model call) "

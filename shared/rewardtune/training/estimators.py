@@ -84,7 +84,8 @@ class AdvantageEstimator:
         for r, terminal in enumerate(terminals):
             step_r = step_rewards(terminal, steps, kl if r == 0 else None, beta)
             returns.append(discounted_returns(step_r, critic.gamma))
-            advantages.append(self._standardized(returns[-1] - samples.extras["old_values"][..., r], groups))
+            baseline = 0.0 if critic.hold_value_at_zero else samples.extras["old_values"][..., r]
+            advantages.append(self._standardized(returns[-1] - baseline, groups))
         samples.extras["returns"] = torch.stack(returns, dim=-1)
         samples.advantages = combine_advantages(advantages[0], advantages[1:], self.dual.multipliers)
         return stats

@@ -142,9 +142,33 @@ class PPOUpdate:
                 for name, value in ppo_diagnostics(log_prob.detach(), old, cfg.clip_range).items():
                     stats[name].append(value)
             self.probe = self._probe(batch)
+        if run.critics is not None and critic_cfg.fit_passes > 0:
+            stats["critic_fit_loss"] = [self.fit_critic(samples, generator)]
         means = torch.stack([torch.stack(values).mean() for values in stats.values()])
         means = run.accelerator.reduce(means, reduction="mean")  # every rank has as many micro-steps: the global mean
         return dict(zip(stats, means.tolist(), strict=True))
+
+    def fit_critic(self, samples: EpochSamples, generator: torch.Generator) -> torch.Tensor:
+        """`critic.fit_passes` critic-only passes over the epoch's (critic input, return) pairs, shuffled, on
+        ½(V - R)²: the critic's inputs are cached, so it can see its data many times for the price of an MLP,
+        where the PPO steps give it one look per pair. Returns the last pass's mean loss."""
+        run, cfg = self.run, self.run.cfg.algorithm.critic
+        inputs = samples.extras["critic_inputs"].flatten(0, 1)
+        returns = samples.extras["returns"].flatten(0, 1)
+        losses: list[torch.Tensor] = []
+        for _ in range(cfg.fit_passes):
+            losses = []
+            order = torch.randperm(len(inputs), generator=generator)
+            for i in range(0, len(order), cfg.fit_batch_size):
+                rows = order[i : i + cfg.fit_batch_size].to(inputs.device)
+                loss = 0.5 * ((run.critics(inputs[rows]) - returns[rows]) ** 2).mean()
+                run.accelerator.backward(loss)
+                run.accelerator.unscale_gradients()
+                torch.nn.utils.clip_grad_norm_(run.critics.parameters(), run.cfg.training.max_grad_norm)
+                run.optimizer.step()  # policy grads are None (zero_grad(set_to_none)): AdamW leaves the policy alone
+                run.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     def _probe(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The neuron-score probe of the official code: the first `sampling.batch_size` samples of this inner
