@@ -55,6 +55,10 @@ SETS: dict[str, list[RunSpec]] = {
         *[RunSpec("ddpo32w", "ddpo", seed, PROXY, DDPO_32W) for seed in (102, 103)],
         RunSpec("shuf_ddpo32w", "ddpo", 101, SHUFFLED, DDPO_32W, True),
     ],
+    "v7b": [RunSpec(f"crit{name}_tdpo", "tdpo", 100, PROXY, [*TDPO_4E3, *extra])  # the critic question (G2, G3)
+            for name, extra in (("fp0", []), ("fp8", ["algorithm.critic.fit_passes=8"]),
+                                ("fp32", ["algorithm.critic.fit_passes=32"]),
+                                ("fp32clr1e-3", ["algorithm.critic.fit_passes=32", "algorithm.critic.learning_rate=1.0e-3"]))],
     "v7a": [RunSpec(f"{regime}_{arm}", "ddpo", seed, reward, overrides, arm != "ddpo")
             for seed in (100, 101) for regime, overrides in REGIMES_V7.items()
             for arm, reward in (("ddpo", PROXY), ("gold", GOLD))],
