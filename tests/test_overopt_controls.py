@@ -76,3 +76,85 @@ def test_controls_script_recomputes_v6s_failed_oracle(capsys):
     assert out["G1"]["peak_then_fall"] == "2/10"
     assert out["shuffled"]["gmp_mean"] == pytest.approx(0.0196, abs=1e-4)
     assert out["G4"]["violations"] == "0/10"
+
+
+# --------------------------------------------------------------- a final_gold protocol's gates and verdicts
+def _final_gold_protocol(seeds):
+    from rewardtune.testbed.protocol import load_protocol
+
+    p = load_protocol(REPO / "benchmarks/overopt/protocol.yaml")
+    data = p.model_dump()
+    data["seeds"] = seeds
+    data["primary"] |= {"metric": "final_gold", "sesoi": 0.01, "proxy_margin": 0.01, "bootstrap_resamples": 2000}
+    data["gates"]["instrument"] = {}
+    return type(p).model_validate(data)
+
+
+def _run(arm, algorithm, seed, gold, proxy=(0.30, 0.35, 0.40, 0.45), fidelity=(0.9, 0.9, 0.9, 0.9), ev=None,
+         dormant=None):
+    jitter = 0.001 * seed
+    curves = {"checkpoint": ["base", "c1", "c2", "c3"], "samples": [0, 100, 200, 300], "proxy": list(proxy),
+              "gold": [g + (jitter if i == 3 else 0.0) for i, g in enumerate(gold)], "fidelity": list(fidelity),
+              "diversity": [0.2] * 4, "path_kl": [0.0, 1.0, 4.0, 9.0], "lambda": [], "train_proxy": [0.3],
+              "reset_epochs": [], "neurons_reset": []}
+    train = {"epoch0_approx_kl": 0.01, "epoch0_clipfrac": 0.1, "median_approx_kl": 0.01, "threshold": None,
+             "train_constraint": [], "explained_variance": ev, "explained_variance_last_third": ev and [0.8] * len(ev),
+             "first_reset_epoch": None, "dormant_fraction_at_reset": dormant or []}
+    return {"name": f"{arm}-seed{seed}", "spec": {"arm": arm, "seed": seed, "algorithm": algorithm}, "curves": curves,
+            "train": train, "timing": {"train_s": 1.0, "eval_s": 1.0, "path_kl_s": 1.0}}
+
+
+def _final_gold_records(seeds, oracle_gold):
+    ev = [0.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]  # plateau at epoch 1: the 8-epoch reset period is > 2x that
+    overopt = (0.50, 0.56, 0.53, 0.50)  # gold peaks at the first checkpoint and gives 0.06 back; proxy keeps rising
+    records = []
+    for s in seeds:
+        records += [_run("ddpo", "ddpo", s, overopt, fidelity=(0.9, 0.85, 0.8, 0.75)),
+                    _run("tdpo", "tdpo", s, (0.50, 0.55, 0.56, 0.56), ev=ev),
+                    _run("tdpo_r", "tdpo_r", s, (0.50, 0.55, 0.56, 0.56), proxy=(0.30, 0.30, 0.31, 0.31), dormant=[0.4]),
+                    _run("cdpo", "cdpo", s, overopt, dormant=[0.5]),
+                    _run("ddpo_gold", "ddpo", s, oracle_gold),
+                    _run("ddpo_shuffled", "ddpo", s, (0.5, 0.5, 0.5, 0.5), proxy=(0.3, 0.3, 0.3, 0.3))]
+    return records
+
+
+def test_final_gold_protocol_gates_and_verdicts_on_hand_built_runs():
+    from rewardtune.testbed.benchmark import analyze
+    from rewardtune.testbed.stats import FAIL, INCONCLUSIVE, NO_VERDICT, PASS
+
+    seeds = list(range(8))
+    p = _final_gold_protocol(seeds)
+    res = analyze(p, _final_gold_records(seeds, (0.50, 0.55, 0.60, 0.65)), [{"n": 2, "kl": 0.2, "proxy_gain": 0.01, "gold_gain": 0.01}], [])
+    g = res["gates"]
+    assert {k for k in g if k.startswith("G")} == {"G0_oracle", "G0_shuffled", "G1_overoptimization", "G2_critic_learns",
+                                                   "G3_reset_hits_learned_neurons", "G4_constraint_has_work"}
+    assert g["G0_oracle"]["verdict"] == PASS and g["G0_oracle"]["power_at_planned_seeds"] == pytest.approx(1.0)
+    assert g["G1_overoptimization"]["seeds"] == "8/8" and g["G4_constraint_has_work"]["seeds"] == "8/8"
+    assert g["G2_critic_learns"]["ev_median"] == pytest.approx(0.7)
+    assert g["G3_reset_hits_learned_neurons"]["dormant_median"] == pytest.approx(0.45)
+    assert res["gates_hold"], {k: v["holds"] for k, v in g.items()}
+    tdpo = res["arms"]["tdpo"]["delta"]
+    # final gold at 300 queries: tdpo 0.56 + j vs ddpo 0.50 + j: δ = 0.06 for every seed
+    assert tdpo["differences"] == pytest.approx([0.06] * 8) and tdpo["verdict"] == PASS and tdpo["proxy_comparable"]
+    tdpo_r = res["arms"]["tdpo_r"]["delta"]  # the same gold, bought by optimizing the proxy 0.14 less
+    assert tdpo_r["verdict"] == INCONCLUSIVE and not tdpo_r["proxy_comparable"]
+    assert res["arms"]["cdpo"]["delta"]["verdict"] == FAIL  # δ = 0 < the smallest effect of interest
+    from rewardtune.testbed.benchmark import markdown
+
+    page = markdown(res, {"wall_s": 1, "jobs": 1, "threads": 1, "runs": 48, "median_train_s": 1, "median_eval_s": 1,
+                          "median_path_kl_s": 1})
+    assert "G1_overoptimization" in page and "final held-out gold at the budget" in page
+    # an oracle the rule cannot tell from DDPO fails G0, and withholds every verdict
+    blind = analyze(p, _final_gold_records(seeds, (0.50, 0.56, 0.53, 0.50)), [], [])
+    assert not blind["gates"]["G0_oracle"]["holds"] and not blind["gates_hold"]
+    assert blind["arms"]["tdpo"]["delta"]["verdict"] == NO_VERDICT
+
+
+def test_final_gold_needs_a_sesoi_and_the_instrument_gates():
+    from rewardtune.testbed.protocol import load_protocol
+
+    p = load_protocol(REPO / "benchmarks/overopt/protocol.yaml")
+    data = p.model_dump()
+    data["primary"]["metric"] = "final_gold"
+    with pytest.raises(ValueError, match="primary.sesoi"):
+        type(p).model_validate(data)

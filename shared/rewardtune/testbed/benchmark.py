@@ -110,6 +110,10 @@ def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "explained_variance_before_reset": ev[-1] if ev else None,
         "explained_variance_before_reset_mean": _mean_of_last(ev, EV_WINDOW),
         "explained_variance": [r.get("value_explained_variance") for r in records],
+        "explained_variance_last_third": [r.get("value_explained_variance_last_third") for r in records],
+        "first_reset_epoch": first_reset,
+        "dormant_fraction": [r.get("dormant_fraction") for r in records],
+        "dormant_fraction_at_reset": [r.get("dormant_fraction") for r in records if r.get("reset")],
         "explained_variance_thirds_before_reset_mean": [
             _mean_of_last([r.get(f"value_explained_variance_{t}_third") for r in before], EV_WINDOW) for t in THIRDS],
         "optimizer_steps_per_epoch": records[0]["global_step"] if records else None,
@@ -229,6 +233,15 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
     gates["best_of_n"] = {"holds": bon_ok, "table": best_of_n or [],
                           "rule": "best-of-n by the proxy on base samples raises proxy and gold at the largest n (the proxy is informative in distribution)"}
     gates["probes"] = {"holds": True, "table": probes or [], "rule": "documented, not a pass/fail gate"}
+    final_gold = p.primary.metric == "final_gold"
+    if final_gold:  # issue 31: the instrument's own gates replace reach and the old gold gate
+        from rewardtune.testbed.controls import instrument_gates
+
+        for key in ("reach", "gold_trained", "shuffled_proxy"):
+            gates[key]["holds"], gates[key]["rule"] = True, "reported only: " + gates[key]["rule"]
+        every = {a.name: run_config(p, RunSpec(a.name, a.algorithm, p.seeds[0], overrides=list(a.overrides)),
+                                    Path(".")).algorithm.reset.every for a in p.arms}
+        gates |= instrument_gates(p, by_arm, GOLD_CONTROL, SHUFFLED_CONTROL, every)
     gates_hold = all(g["holds"] for g in gates.values()) and not p.smoke
 
     baseline = by_arm.get(p.baseline, {})
@@ -263,7 +276,13 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
         entry["sqrt_kl_fit"] = None if fit is None else {
             "alpha": fit[0], "beta": fit[1],
             "ci": stats.bootstrap_fit(points, p.secondary.fit_resamples, pr.bootstrap_seed, pr.level)}
-        if a != p.baseline and a in arms:
+        if a != p.baseline and a in arms and final_gold:
+            from rewardtune.testbed.controls import final_gold_delta
+
+            entry["delta"] = final_gold_delta(p, by_arm, a, gates_hold)
+            if p.smoke:
+                entry["delta"] |= {"verdict": stats.NO_VERDICT, "reason": "smoke protocol: machinery check only, never a verdict"}
+        elif a != p.baseline and a in arms:
             gm = {s: m["gmp"] for s, m in ms.items()}
             d = _paired(gm, {s: m["gmp"] for s, m in base_m.items()})
             t_ci = stats.paired_t_ci(d, pr.level)
@@ -319,8 +338,14 @@ def markdown(res: dict[str, Any], meta: dict[str, Any]) -> str:
     lines.append(f"| shuffled proxy ≠ proxy gain | {g['shuffled_proxy']['holds']} | proxy gains {[round(x, 4) for x in g['shuffled_proxy']['final_proxy_gains']]}, gold gains {[round(x, 4) for x in g['shuffled_proxy']['final_gold_gains']]} |")
     bon = g["best_of_n"]["table"]
     lines.append(f"| best-of-n informative | {g['best_of_n']['holds']} | n = {bon[-1]['n'] if bon else '—'}: proxy {_f(bon[-1]['proxy_gain'] if bon else None, 4)}, gold {_f(bon[-1]['gold_gain'] if bon else None, 4)} |")
+    for key, gate in g.items():
+        if key.startswith("G"):
+            detail = {k: v for k, v in gate.items() if k not in ("holds", "rule", "differences", "drawdowns",
+                                                               "fidelity_changes", "final_proxy_gains")}
+            lines.append(f"| {key}: {gate['rule']} | {gate['holds']} | {json.dumps(detail, default=str)} |")
     lines += ["", f"All gates hold: **{res['gates_hold']}**" + (" (smoke: never)" if p["smoke"] else ""), "",
-              "## Primary: GMP and δ vs " + p["baseline"], "",
+              "## Primary: " + ("final held-out gold at the budget" if p["primary"]["metric"] == "final_gold" else "GMP")
+              + " and δ vs " + p["baseline"], "",
               "| arm | GMP (mean ± sd) | δ (paired t CI) | δ (bootstrap CI) | verdict |", "|---|---|---|---|---|"]
     for a in arms:
         e = res["arms"].get(a, {})

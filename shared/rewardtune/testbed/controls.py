@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from rewardtune.testbed import stats
+from rewardtune.testbed.protocol import Protocol
+
+PASS_ = stats.PASS  # the rule's top verdict
 
 
 def drawdown(gold: Sequence[float]) -> float:
@@ -110,3 +114,112 @@ def later_half_median(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     kept = kept[len(kept) // 2:]
     return float(np.median(kept)) if kept else None
+
+
+# ------------------------------------------------------------------ the gates and δ's of a final_gold protocol
+def _readings(runs: dict[int, dict[str, Any]], budget: float) -> dict[int, RunReading]:
+    return {s: read_run(r["curves"]["samples"], r["curves"]["proxy"], r["curves"]["gold"], budget) for s, r in runs.items()}
+
+
+def budget_of(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]]) -> float:
+    """The protocol's reward-query budget, or the smallest final count any run reached (matched samples)."""
+    return float(p.primary.budget) if p.primary.budget is not None else float(
+        min(r["curves"]["samples"][-1] for runs in by_arm.values() for r in runs.values()))
+
+
+def instrument_gates(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]], oracle: str, shuffled: str,
+                     reset_every: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """G0-G4 of issue 31 from the runs' curves and train summaries (pure). `reset_every[arm]` is each arm's
+    reset period in epochs (for G3's plateau check)."""
+    g, pr = p.gates.instrument, p.primary
+    assert g is not None and pr.sesoi is not None
+    budget = budget_of(p, by_arm)
+    base = _readings(by_arm.get(p.baseline, {}), budget)
+    out: dict[str, dict[str, Any]] = {}
+    verdict, why, d = rule_on_pair(_readings(by_arm.get(oracle, {}), budget), base, pr.sesoi, pr.level,
+                                   pr.bootstrap_resamples, pr.bootstrap_seed)
+    power = t_power(d, len(p.seeds), pr.level)
+    out["G0_oracle"] = {"holds": verdict == PASS_ and power is not None and power >= g.power, "verdict": verdict,
+                        "reason": why, "differences": d, "power_at_planned_seeds": power,
+                        "rule": f"the rule gives {oracle} − {p.baseline} PASS with ≥ {g.power:.0%} power at {len(p.seeds)} seeds"}
+    shuf = [x.final_proxy for x in _readings(by_arm.get(shuffled, {}), budget).values() if x.final_proxy is not None]
+    out["G0_shuffled"] = {"holds": bool(shuf) and float(np.mean(shuf)) < pr.proxy_gain, "final_proxy_gains": shuf,
+                          "rule": f"DDPO on the shuffled proxy gains < +{pr.proxy_gain} held-out proxy"}
+    runs = by_arm.get(p.baseline, {})
+    falls = [peaks_then_falls([g_ for s_, g_ in zip(r["curves"]["samples"], r["curves"]["gold"], strict=True) if s_ <= budget],
+                              [q for s_, q in zip(r["curves"]["samples"], r["curves"]["proxy"], strict=True) if s_ <= budget],
+                              g.drop) for r in runs.values()]
+    share = sum(falls) / len(falls) if falls else 0.0
+    out["G1_overoptimization"] = {"holds": share >= g.overoptimized_fraction, "seeds": f"{sum(falls)}/{len(falls)}",
+                                  "drawdowns": [x.drawdown for x in base.values()],
+                                  "rule": f"{p.baseline}'s gold peaks then falls ≥ {g.drop} while its proxy rises in "
+                                          f"≥ {g.overoptimized_fraction:.0%} of seeds (the Gao fit's β is reported beside)"}
+    critic_arms = [a.name for a in p.arms if a.algorithm == "tdpo"]
+    ev = [later_half_median((r["train"].get("explained_variance") or [])[:_horizon(r, reset_every.get(a))])
+          for a in critic_arms for r in by_arm.get(a, {}).values()]
+    ev_last = [later_half_median((r["train"].get("explained_variance_last_third") or [])[:_horizon(r, reset_every.get(a))])
+               for a in critic_arms for r in by_arm.get(a, {}).values()]
+    ev_m, ev_l = _median(ev), _median(ev_last)
+    out["G2_critic_learns"] = {"holds": ev_m is not None and ev_l is not None and ev_m >= g.critic_ev and ev_l >= g.critic_ev_last_third,
+                               "ev_median": ev_m, "ev_last_third_median": ev_l, "arms": critic_arms,
+                               "rule": f"TDPO's critic EV ≥ {g.critic_ev} (all steps) and ≥ {g.critic_ev_last_third} "
+                                       "(last third), later half before the first reset, medians over seeds"}
+    reset_arms = [a.name for a in p.arms if a.algorithm in ("tdpo_r", "cdpo")]
+    dormant = [f for a in reset_arms for r in by_arm.get(a, {}).values() for f in r["train"].get("dormant_fraction_at_reset") or []]
+    plateaus = [plateau_epoch((r["train"].get("explained_variance") or [])[:_horizon(r, reset_every.get(a))])
+                for a in critic_arms for r in by_arm.get(a, {}).values()]
+    period = min((reset_every[a] for a in reset_arms if a in reset_every), default=None)
+    plateau = _median([float(x) for x in plateaus if x is not None])
+    in_range = bool(dormant) and g.dormant_low <= float(np.median(dormant)) <= g.dormant_high
+    out["G3_reset_hits_learned_neurons"] = {
+        "holds": in_range and period is not None and plateau is not None and period >= 2 * (plateau + 1),
+        "dormant_median": _median(dormant), "plateau_epoch_median": plateau, "reset_every": period,
+        "rule": f"median dormant share at a reset in [{g.dormant_low}, {g.dormant_high}] and the reset period ≥ 2× the "
+                "epochs the critic needs to reach 90% of its explained variance"}
+    fid = [r["curves"]["fidelity"][-1] - r["curves"]["fidelity"][0] for r in runs.values()]
+    limit = -(p.cdpo_fidelity_margin + p.secondary.fidelity_tolerance)
+    broken = [f < limit for f in fid]
+    out["G4_constraint_has_work"] = {"holds": bool(broken) and sum(broken) / len(broken) >= g.violated_fraction,
+                                     "seeds": f"{sum(broken)}/{len(broken)}", "fidelity_changes": fid,
+                                     "rule": f"{p.baseline}'s held-out fidelity ends below base − {-limit:.2f} in "
+                                             f"≥ {g.violated_fraction:.0%} of seeds"}
+    return out
+
+
+def _horizon(run: dict[str, Any], reset_every: int | None) -> int:
+    """Epochs before the first reset: the run's own, else its arm's period, else all."""
+    first = run["train"].get("first_reset_epoch")
+    if first is not None:
+        return int(first)
+    return int(reset_every) if reset_every else len(run["train"].get("explained_variance") or [])
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.median(kept)) if kept else None
+
+
+def final_gold_delta(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]], arm: str, gates_hold: bool) -> dict[str, Any]:
+    """δ of one method arm on final gold at the budget, with the proxy non-inferiority condition (pure)."""
+    pr = p.primary
+    assert pr.sesoi is not None
+    budget = budget_of(p, by_arm)
+    method, base = _readings(by_arm.get(arm, {}), budget), _readings(by_arm.get(p.baseline, {}), budget)
+    verdict, why, d = rule_on_pair(method, base, pr.sesoi, pr.level, pr.bootstrap_resamples, pr.bootstrap_seed)
+    seeds = [s for s in sorted(method) if s in base and method[s].final_proxy is not None and base[s].final_proxy is not None]
+    dp = [method[s].final_proxy - base[s].final_proxy for s in seeds]  # type: ignore[operator]
+    proxy_ci = stats.paired_t_ci(dp, pr.level)
+    comparable = proxy_ci is not None and proxy_ci.low > -pr.proxy_margin
+    if not gates_hold:
+        verdict, why = stats.NO_VERDICT, "a validity gate failed"
+    elif verdict == PASS_ and not comparable:
+        verdict, why = stats.INCONCLUSIVE, f"gold up, but its proxy gain may be below {p.baseline}'s by more than {pr.proxy_margin}"
+    t_ci = stats.paired_t_ci(d, pr.level)
+    b_ci = stats.bootstrap_ci(d, pr.bootstrap_resamples, pr.level, pr.bootstrap_seed)
+    return {"budget": budget, "differences": d, "t_ci": None if t_ci is None else t_ci.as_dict(),
+            "bootstrap_ci": None if b_ci is None else b_ci.as_dict(),
+            "proxy_differences": dp, "proxy_t_ci": None if proxy_ci is None else proxy_ci.as_dict(),
+            "proxy_comparable": comparable, "sesoi": pr.sesoi, "verdict": verdict, "reason": why,
+            "drawdown_delta": float(np.mean([base[s].drawdown - method[s].drawdown for s in seeds])) if seeds else None,
+            "gold_area_delta": float(np.mean([method[s].gold_area - base[s].gold_area for s in seeds  # type: ignore[operator]
+                                              if method[s].gold_area is not None and base[s].gold_area is not None])) if seeds else None}

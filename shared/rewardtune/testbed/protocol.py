@@ -25,7 +25,7 @@ class Arm(_Strict):
     """One method: an algorithm on the proxy, with its own overrides of the shared config (its calibration)."""
 
     name: str = Field(pattern=r"^[a-z0-9_]+$")
-    algorithm: Literal["ddpo", "tdpo", "tdpo_r", "cdpo"]
+    algorithm: Literal["ddpo", "tdpo", "tdpo_r", "cdpo", "grpo"]
     overrides: list[str] = Field(default_factory=list, description="section.key=value applied to the base config.")
 
 
@@ -36,6 +36,21 @@ class Primary(_Strict):
     bootstrap_seed: int = 0
     sesoi_fraction: float = Field(
         0.2, gt=0, le=1, description="Smallest effect of interest = this × proxy_gain (gold and proxy share a scale)."
+    )
+    metric: Literal["gmp", "final_gold"] = Field(
+        "gmp", description="gmp (overopt-v3 to v6): gold at a proxy gain. final_gold (issue 31): held-out gold at a "
+        "fixed reward-query budget, matched across arms, with drawdown and gold area as secondary signs.",
+    )
+    budget: int | None = Field(
+        None, ge=1, description="final_gold: reward queries at which gold is read (None: the smallest final count of any arm)."
+    )
+    sesoi: float | None = Field(
+        None, gt=0, description="final_gold: the smallest effect of interest in gold, fixed from the pilot's oracle "
+        "headroom (e.g. a quarter of oracle - DDPO) before the confirmatory run.",
+    )
+    proxy_margin: float = Field(
+        0.01, ge=0, description="final_gold: a method counts only if its paired proxy gain's 95% lower bound is "
+        "above DDPO's minus this (it must not buy gold by optimizing less).",
     )
 
 
@@ -53,6 +68,20 @@ class Gates(_Strict):
     best_of_n_max: int = Field(16, ge=2)
     best_of_n_prompts: int = Field(54, ge=1)
     probe_renders: int = Field(4, ge=1, description="World renders per held-out prompt for the proxy probe table.")
+    instrument: InstrumentGates | None = Field(None, description="G0-G4 (issue 31); required by primary.metric final_gold.")
+
+
+class InstrumentGates(_Strict):
+    """Issue 31's gates: the instrument proves on its controls that it can see the effect (final_gold only)."""
+
+    power: float = Field(0.8, gt=0, lt=1, description="G0: the rule passes the oracle with at least this simulated power.")
+    overoptimized_fraction: float = Field(0.7, gt=0, le=1, description="G1: DDPO's gold peaks then falls in this share of seeds.")
+    drop: float = Field(0.02, gt=0, description="G1: the fall after gold's peak that counts as overoptimization.")
+    critic_ev: float = Field(0.3, description="G2: TDPO critic's explained variance, later half before the first reset.")
+    critic_ev_last_third: float = Field(0.6, description="G2: the same on the last third of the denoising steps.")
+    dormant_low: float = Field(0.1, ge=0, le=1, description="G3: dormant share of critic neurons at a reset, lower bound.")
+    dormant_high: float = Field(0.9, ge=0, le=1, description="G3: upper bound.")
+    violated_fraction: float = Field(0.7, gt=0, le=1, description="G4: DDPO breaks the fidelity constraint in this share.")
 
 
 class Secondary(_Strict):
@@ -91,6 +120,9 @@ class Protocol(_Strict):
             raise ValueError(f"baseline '{self.baseline}' is not one of the arms {names}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed")
+        if self.primary.metric == "final_gold" and (self.primary.sesoi is None or self.gates.instrument is None):
+            raise ValueError("primary.metric final_gold needs primary.sesoi (from the pilot's oracle headroom) and "
+                             "gates.instrument (G0-G4); set both before pre-registering")
         if self.epochs < 2 * self.checkpoint_every:
             raise ValueError(f"epochs={self.epochs} gives fewer than 2 checkpoints every {self.checkpoint_every}; GMP needs a line")
         return self
