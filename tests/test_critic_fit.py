@@ -25,7 +25,8 @@ def _fit_run(passes: int):
                                    {"params": critics.parameters(), "name": "critic", "lr": 1e-2}], lr=1e-2)
     cfg = SimpleNamespace(algorithm=SimpleNamespace(critic=SimpleNamespace(fit_passes=passes, fit_batch_size=16)),
                           training=SimpleNamespace(max_grad_norm=1.0))
-    run = SimpleNamespace(cfg=cfg, critics=critics, optimizer=optimizer, accelerator=Accelerator(cpu=True))
+    run = SimpleNamespace(cfg=cfg, critics=critics, optimizer=optimizer, accelerator=Accelerator(cpu=True),
+                          trainable_steps=[0, 1, 2, 3, 4])
     update = PPOUpdate.__new__(PPOUpdate)
     update.run = run
     inputs = torch.randn(12, 5, 8, generator=torch.Generator().manual_seed(1))

@@ -158,3 +158,21 @@ def test_final_gold_needs_a_sesoi_and_the_instrument_gates():
     data["primary"]["metric"] = "final_gold"
     with pytest.raises(ValueError, match="primary.sesoi"):
         type(p).model_validate(data)
+
+
+def test_cross_reward_table_reads_every_reward_at_the_budget():
+    p = _final_gold_protocol([0, 1])
+    p = type(p).model_validate(p.model_dump() | {"unseen_rewards": ["testbed_proxy_b"], "primary": {**p.primary.model_dump(), "budget": 150}})
+    runs = {}
+    for s in (0, 1):
+        r = _run("ddpo", "ddpo", s, (0.5, 0.56, 0.53, 0.50))
+        r["curves"]["unseen"] = {"testbed_proxy_b": [0.2, 0.25 + 0.01 * s, 0.3, 0.35]}
+        runs[s] = r
+    table = controls.cross_reward_table(p, {"ddpo": runs})
+    assert table["budget"] == 150 and table["rewards"] == ["proxy", "gold", "fidelity", "testbed_proxy_b"]
+    row = table["arms"]["ddpo"]
+    assert row["proxy"]["mean"] == pytest.approx(0.075)  # halfway between +0.05 (100) and +0.10 (200)
+    assert row["gold"]["mean"] == pytest.approx(0.045)  # halfway between +0.06 and +0.03
+    # seed 0: halfway between +0.05 and +0.10; seed 1: between +0.06 and +0.10
+    assert row["testbed_proxy_b"]["mean"] == pytest.approx((0.075 + 0.08) / 2)
+    assert row["testbed_proxy_b"]["n"] == 2

@@ -39,6 +39,8 @@ DECLARED: dict[str, dict[str, str]] = {
         "testbed_gold": "rewardtune.testbed.gold",
         "testbed_fidelity": "rewardtune.testbed.gold",
         "testbed_proxy": "rewardtune.testbed.proxy",
+        "testbed_proxy_b": "rewardtune.testbed.proxy",
+        "testbed_proxy_c": "rewardtune.testbed.proxy",
     },
     MODEL_SOURCES: {"testbed": "rewardtune.testbed.assets:resolve_model_source"},
 }

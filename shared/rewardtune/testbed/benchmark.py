@@ -73,7 +73,7 @@ def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
         data["algorithm"]["constraints"] = [constraint.model_dump(mode="json")]
     data["reward"] = {"name": spec.reward}
     # every run is judged on the same three rewards; the one it trains on is scored as its training reward
-    data["eval_rewards"] = [{"name": n} for n in (PROXY, GOLD, FIDELITY) if n != spec.reward]
+    data["eval_rewards"] = [{"name": n} for n in (PROXY, GOLD, FIDELITY, *p.unseen_rewards) if n != spec.reward]
     data["training"] |= {"seed": spec.seed, "epochs": p.epochs}
     data["prompts"]["source"] = str(prompts_dir / "train.txt")
     data["checkpointing"] |= {"keep_last": 10_000, "every_epochs": p.checkpoint_every}
@@ -144,7 +144,7 @@ def execute(p_json: str, spec_json: str, out: str, threads: int) -> dict[str, An
     t1 = time.perf_counter()
     evaluate_run(cfg, run_dir, prompts_dir, eval_dir)
     t2 = time.perf_counter()
-    curves = run_curves(run_dir, eval_dir)
+    curves = run_curves(run_dir, eval_dir, p.unseen_rewards)
     kl_file = run_dir / "path_kl.json"
     kl = json.loads(kl_file.read_text()) if kl_file.is_file() else {}
     missing = [c for c in curves["checkpoint"] if c not in kl]
@@ -302,7 +302,10 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
             entry["delta"] = {"differences": d, "t_ci": _interval(t_ci), "bootstrap_ci": _interval(b_ci),
                               "secondary": secondary, "sesoi": sesoi, "verdict": v, "reason": why}
         arms_out[a] = entry
+    from rewardtune.testbed.controls import cross_reward_table
+
     return {"protocol": p.model_dump(), "gates": gates, "gates_hold": gates_hold, "arms": arms_out,
+            "cross_reward": cross_reward_table(p, by_arm),
             "runs": {r["name"]: {"spec": r["spec"], "metrics": r["metrics"], "train": r["train"], "curves": r["curves"],
                                  "timing": r["timing"]} for r in records}}
 
@@ -366,6 +369,15 @@ def markdown(res: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {a} | {_f(e['final_gold_gain'], 4)} | {_f(e['gold_at_gain_interpolated'], 4)} | {_f(e['fidelity_at_gain'], 4)} | "
                      f"{_f(e['diversity_at_gain'], 4)} | {cm['heldout']}/{cm['of']}" + (f" (train {cm['train']}/{cm['of']})" if cm["train"] is not None else "")
                      + f" | {fit_s} |")
+    cross = res.get("cross_reward")
+    if cross:
+        names = cross["rewards"]
+        lines += ["", f"## Every reward's change at {cross['budget']:.0f} reward queries (mean ± sd over seeds; "
+                  "only the proxy is trained on)", "", "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for a in arms + [GOLD_CONTROL, SHUFFLED_CONTROL]:
+            row = cross["arms"].get(a)
+            if row:
+                lines.append(f"| {a} | " + " | ".join(_f(row[n], 4) for n in names) + " |")
     lines += ["", "## Regime (calibration indicators, medians over runs)", "",
               "| arm | epoch-0 approx_kl | epoch-0 clipfrac | median approx_kl | critic EV before 1st reset "
               f"(last epoch; mean of {EV_WINDOW}) | same mean by thirds of the steps (first / middle / last) |",

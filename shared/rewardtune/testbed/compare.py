@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ def _policy_evals(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in evals if not str(e["checkpoint"]).endswith("post-reset")]
 
 
-def run_curves(run_dir: Path, eval_dir: Path) -> dict[str, Any]:
+def run_curves(run_dir: Path, eval_dir: Path, unseen: Sequence[str] = ()) -> dict[str, Any]:
+    """Per checkpoint: held-out proxy, gold, fidelity, diversity, drift and each `unseen` reward; the training log's
+    per-epoch proxy, resets and λ."""
     evals = _policy_evals(read_evaluations(eval_dir))
     train = MetricsLog(run_dir / "metrics.jsonl").read()
     curves = {
@@ -111,6 +114,8 @@ def run_curves(run_dir: Path, eval_dir: Path) -> dict[str, Any]:
         "neurons_reset": [r.get("neurons_reset", 0) for r in train if r.get("reset")],
         "lambda": [r.get(f"lambda_{FIDELITY}") for r in train],
     }
+    if unseen:
+        curves["unseen"] = {name: _series(evals, name) for name in unseen}
     return curves
 
 

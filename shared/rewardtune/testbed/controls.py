@@ -223,3 +223,25 @@ def final_gold_delta(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]], 
             "drawdown_delta": float(np.mean([base[s].drawdown - method[s].drawdown for s in seeds])) if seeds else None,
             "gold_area_delta": float(np.mean([method[s].gold_area - base[s].gold_area for s in seeds  # type: ignore[operator]
                                               if method[s].gold_area is not None and base[s].gold_area is not None])) if seeds else None}
+
+
+def cross_reward_table(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The papers' cross-reward table in small: each arm's change over its base model, at the budget, in the
+    training proxy, gold, fidelity and every unseen reward (mean, sd, n over seeds)."""
+    budget = budget_of(p, by_arm)
+    table: dict[str, dict[str, Any]] = {}
+    for arm, runs in by_arm.items():
+        row: dict[str, Any] = {}
+        for reward in ("proxy", "gold", "fidelity", *p.unseen_rewards):
+            gains = []
+            for r in runs.values():
+                c = r["curves"]
+                series = c.get(reward) if reward in ("proxy", "gold", "fidelity") else (c.get("unseen") or {}).get(reward)
+                if series and None not in series:
+                    v = value_at_budget(c["samples"], [x - series[0] for x in series], budget)
+                    if v is not None:
+                        gains.append(v)
+            row[reward] = {"mean": float(np.mean(gains)) if gains else None,
+                           "sd": float(np.std(gains, ddof=1)) if len(gains) > 1 else None, "n": len(gains)}
+        table[arm] = row
+    return {"budget": budget, "rewards": ["proxy", "gold", "fidelity", *p.unseen_rewards], "arms": table}

@@ -106,6 +106,10 @@ class Protocol(_Strict):
         None, ge=0, le=1, description="CDPO's absolute training constraint E[fidelity] >= this (from a large base "
         "sample), instead of each run's epoch-0 mean - cdpo_fidelity_margin (16 images: it binds on the draw)."
     )
+    unseen_rewards: list[str] = Field(
+        default_factory=list, description="Further rewards every checkpoint is scored on and no run trains on (the "
+        "papers' cross-reward table), e.g. testbed_proxy_b, testbed_proxy_c.",
+    )
     primary: Primary = Field(default_factory=Primary)
     gates: Gates
     secondary: Secondary = Field(default_factory=Secondary)

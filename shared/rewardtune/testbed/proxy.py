@@ -98,6 +98,23 @@ def default_source() -> str:
     return str(proxy_dir())
 
 
+# Unseen rewards for the cross-reward table (issue 31, the papers' ImageReward/HPSv2/PickScore analogue):
+# proxies trained independently of the training proxy, on other labels, capacity and data. Built by
+# benchmarks/overopt/build_unseen_proxies.py into data/testbed/<dir>; the policy never trains on them.
+UNSEEN_PROXIES: dict[str, dict[str, Any]] = {
+    "testbed_proxy_b": {"dir": "proxy_b", "seed": 11, "width": 32, "num_samples": 512, "num_renders": 0,
+                        "label_noise": 0.1},   # twice the width, other labels, noisier, model samples only
+    "testbed_proxy_c": {"dir": "proxy_c", "seed": 12, "width": 8, "num_samples": 0, "num_renders": 512,
+                        "label_noise": 0.02},  # a narrow CNN on world renders only: another data distribution
+}
+
+
+def unseen_source(name: str) -> str:
+    from rewardtune.testbed.assets import ASSETS
+
+    return str(ASSETS / UNSEEN_PROXIES[name]["dir"])
+
+
 class Proxy:
     name = "testbed_proxy"
 
@@ -187,14 +204,14 @@ def train_proxy(images: torch.Tensor, labels: np.ndarray, seed: int, epochs: int
 
 def build_proxy(pipe: Any, out: str | Path, *, seed: int = 0, num_samples: int = 256, num_renders: int = 128,
                 label_noise: float = 0.05, eval_samples: int = 128, steps: int = 10, guidance: float = 4.0,
-                epochs: int = 150) -> dict[str, Any]:
+                epochs: int = 150, width: int = 16) -> dict[str, Any]:
     """Label, fit, measure (Spearman vs exact gold on fresh base-model samples) and save a proxy to `out`."""
     from safetensors.torch import save_file
 
     images = label_images(pipe, num_samples, num_renders, seed + 100, steps, guidance)
     gold = gold_scores(images)
     noisy = gold + np.random.default_rng(seed + 7).normal(0.0, label_noise, len(gold))
-    model = train_proxy(images, noisy, seed, epochs=epochs)
+    model = train_proxy(images, noisy, seed, epochs=epochs, width=width)
     fresh = label_images(pipe, eval_samples, 0, seed + 200, steps, guidance)
     with torch.no_grad():
         pred_fresh = model(fresh).numpy()
@@ -255,3 +272,21 @@ def _build_shuffled(spec, device: torch.device) -> ShuffledProxy:
 @register_tower("testbed_proxy_shuffled")
 def _shuffled_tower(spec) -> str:
     return spec.source or default_source()
+
+
+class NamedProxy(Proxy):
+    """One of the unseen proxies: the same CNN reward under its own name."""
+
+    def __init__(self, model: ProxyCNN, name: str) -> None:
+        super().__init__(model)
+        self.name = name
+
+
+def _register_unseen(name: str) -> None:
+    register_sources(name)(lambda spec: [ModelRef(spec.source or unseen_source(name))])
+    register(name)(lambda spec, device: NamedProxy(load_proxy(spec.source or unseen_source(name), device), name))
+    register_tower(name)(lambda spec: spec.source or unseen_source(name))
+
+
+for _name in UNSEEN_PROXIES:
+    _register_unseen(_name)

@@ -153,8 +153,10 @@ class PPOUpdate:
         ½(V - R)²: the critic's inputs are cached, so it can see its data many times for the price of an MLP,
         where the PPO steps give it one look per pair. Returns the last pass's mean loss."""
         run, cfg = self.run, self.run.cfg.algorithm.critic
-        inputs = samples.extras["critic_inputs"].flatten(0, 1)
-        returns = samples.extras["returns"].flatten(0, 1)
+        steps = torch.as_tensor(run.trainable_steps)  # the steps the PPO value loss can train on (not flow's ODE steps)
+        inputs = samples.extras["critic_inputs"][:, steps].flatten(0, 1)
+        returns = samples.extras["returns"][:, steps].flatten(0, 1)
+        undo = run.accelerator.gradient_accumulation_steps  # accelerator.backward divides by it; these steps do not accumulate
         losses: list[torch.Tensor] = []
         for _ in range(cfg.fit_passes):
             losses = []
@@ -162,7 +164,7 @@ class PPOUpdate:
             for i in range(0, len(order), cfg.fit_batch_size):
                 rows = order[i : i + cfg.fit_batch_size].to(inputs.device)
                 loss = 0.5 * ((run.critics(inputs[rows]) - returns[rows]) ** 2).mean()
-                run.accelerator.backward(loss)
+                run.accelerator.backward(loss * undo)
                 run.accelerator.unscale_gradients()
                 torch.nn.utils.clip_grad_norm_(run.critics.parameters(), run.cfg.training.max_grad_norm)
                 run.optimizer.step()  # policy grads are None (zero_grad(set_to_none)): AdamW leaves the policy alone
