@@ -13,7 +13,7 @@ EPS = 1e-6
 class PerPromptStatTracker:
     """Keeps the last `buffer_size` rewards of each prompt; normalizes a reward by its prompt's stats.
 
-    Until a prompt has `min_count` rewards, the batch mean/std stands in (algorithms.md §2).
+    Until a prompt has `min_count` rewards, the batch mean/std stands in (docs/algorithms.md §2).
     """
 
     def __init__(self, buffer_size: int, min_count: int) -> None:

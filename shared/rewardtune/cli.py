@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. prompts.source=FILE")
     prep.set_defaults(func=_cmd_prepare_prompts)
 
-    train = sub.add_parser("train", help="run reward fine-tuning (DDPO / TDPO / TDPO-R / CDPO)")
+    train = sub.add_parser("train", help="run reward fine-tuning (DDPO / GRPO / TDPO / TDPO-R / CDPO)")
     train.add_argument("--config", required=True)
     train.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")

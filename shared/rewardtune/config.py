@@ -240,7 +240,7 @@ class StatTrackingConfig(_Strict):
 
 
 class CriticConfig(_Strict):
-    """TDPO's timestep-aware critic (algorithms.md §3)."""
+    """TDPO's timestep-aware critic (docs/algorithms.md §3)."""
 
     input: Literal["decoded_latent"] = Field(
         "decoded_latent", description="What the critic sees: the VAE-decoded x_t, embedded by a frozen image tower."
@@ -327,7 +327,7 @@ class CriticConfig(_Strict):
 
 
 class ResetConfig(_Strict):
-    """TDPO-R's periodic reset of active neurons (algorithms.md §4)."""
+    """TDPO-R's periodic reset of active neurons (docs/algorithms.md §4)."""
 
     every: int = Field(10, ge=1, description="Reset every this many epochs.")
     target: Literal["critic", "policy_lora"] = "critic"
@@ -340,7 +340,7 @@ class ResetConfig(_Strict):
 
 
 class ConstraintConfig(_Strict):
-    """One CDPO constraint E[r_k] >= c_k on an auxiliary reward (algorithms.md §5)."""
+    """One CDPO constraint E[r_k] >= c_k on an auxiliary reward (docs/algorithms.md §5)."""
 
     reward: RewardSpec
     threshold: float | None = Field(None, description="Absolute c_k.")

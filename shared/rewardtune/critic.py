@@ -1,7 +1,7 @@
 """TDPO's timestep-aware critic: the LAION-aesthetic-predictor MLP on image embeddings of x_t.
 
 The official code has no nonlinearity between layers; the neuron-reset machinery reads ReLU of each
-hidden layer's output as that neuron's activation (algorithms.md §3-4). Every layer's weights are drawn
+hidden layer's output as that neuron's activation (docs/algorithms.md §3-4). Every layer's weights are drawn
 with std 1/(d+1), d the critic's *input* size (not each layer's fan-in), at init and at every reset.
 """
 

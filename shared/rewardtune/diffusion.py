@@ -2,7 +2,7 @@
 
 No released package ships a DDIM step with log-prob; this follows `DDIMScheduler.step` term by term
 (same noise -> same `prev_sample`), and adds the Gaussian log-density of the posterior
-(algorithms.md §1). Timesteps may differ per sample, because TDPO shuffles the time axis per sample.
+(docs/algorithms.md §1). Timesteps may differ per sample, because TDPO shuffles the time axis per sample.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TDPO's per-step KL penalty against the frozen base policy: the estimators and the KL controller.
 
-Both follow the official TDPO code (algorithms.md §3). With d = log pi - log pi_ref per step, the
+Both follow the official TDPO code (docs/algorithms.md §3). With d = log pi - log pi_ref per step, the
 penalty added to every step's reward is -kl_coef * beta * k(d), beta the controller's current value:
 fixed, or adapted once per epoch towards a target KL as in PPO (Ziegler et al. 2019).
 """

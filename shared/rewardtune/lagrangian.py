@@ -1,4 +1,4 @@
-"""CDPO's constrained objective (algorithms.md §5): max E[r_0] s.t. E[r_k] >= c_k, via Lagrange
+"""CDPO's constrained objective (docs/algorithms.md §5): max E[r_0] s.t. E[r_k] >= c_k, via Lagrange
 multipliers updated by projected dual ascent (optionally PID-damped, Stooke et al. 2020).
 
 The dual step can be scale-free (`algorithm.lagrange.normalize: base_std`): the violation c_k - Ĵ_k is

@@ -8,7 +8,7 @@ import torch
 def ppo_clipped_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> torch.Tensor:
-    """mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))), rho = pi/pi_old (algorithms.md §2)."""
+    """mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))), rho = pi/pi_old (docs/algorithms.md §2)."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)

@@ -1,4 +1,4 @@
-"""TDPO-R's reset of active neurons (algorithms.md §4): score neurons by their activation, reset the
+"""TDPO-R's reset of active neurons (docs/algorithms.md §4): score neurons by their activation, reset the
 ones that carry primacy bias, leave the dormant ones (a regularizer against overoptimization) alone."""
 
 from __future__ import annotations

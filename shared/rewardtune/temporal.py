@@ -1,7 +1,7 @@
 """TDPO's temporal rewards: per-step rewards, returns, step-specific advantages, the value loss.
 
 Pure functions on [N, K] tensors (N samples, K denoising steps, step k = the k-th step taken,
-so k = K-1 produces x_0). See algorithms.md §3.
+so k = K-1 produces x_0). See docs/algorithms.md §3.
 """
 
 from __future__ import annotations
