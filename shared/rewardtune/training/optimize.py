@@ -123,7 +123,7 @@ class PPOUpdate:
                     if run.critics is not None:
                         values = run.critics(view["critic_inputs"])
                         value_loss = clipped_value_loss(values, view["old_values"], view["returns"], critic_cfg.value_clip)
-                        total = loss + critic_cfg.coef * value_loss
+                        total = total + critic_cfg.coef * value_loss  # keeps a loss KL term (GRPO-style) too
                         stats["critic_loss"].append(value_loss.detach())
                     run.accelerator.backward(total)
                     synced = run.accelerator.sync_gradients
