@@ -176,3 +176,20 @@ def test_cross_reward_table_reads_every_reward_at_the_budget():
     # seed 0: halfway between +0.05 and +0.10; seed 1: between +0.06 and +0.10
     assert row["testbed_proxy_b"]["mean"] == pytest.approx((0.075 + 0.08) / 2)
     assert row["testbed_proxy_b"]["n"] == 2
+
+
+def test_issue31_arms_build_their_configs():
+    """The arms issue 31 names (grpo with its own group section, cdpo_policy, tdpo_nocritic) build through the
+    benchmark's run_config, with the arm's algorithm set before its overrides."""
+    from rewardtune.testbed.benchmark import RunSpec, run_config
+    from rewardtune.testbed.protocol import load_protocol
+
+    p = load_protocol(REPO / "benchmarks/overopt/protocol.yaml")
+    grpo = run_config(p, RunSpec("grpo", "grpo", 100, overrides=["algorithm.group={group_size: 4}"]), Path("/tmp"))
+    assert grpo.algorithm.name == "grpo" and grpo.algorithm.group.group_size == 4
+    policy = run_config(p, RunSpec("cdpo_policy", "cdpo", 100, overrides=["algorithm.reset.target=policy_lora",
+                                                                          "algorithm.reset.rule=overactive"]), Path("/tmp"))
+    assert (policy.algorithm.reset.target, policy.algorithm.reset.rule) == ("policy_lora", "overactive")
+    assert [c.reward.name for c in policy.algorithm.constraints] == ["testbed_fidelity"]
+    nocritic = run_config(p, RunSpec("tdpo_nocritic", "tdpo", 100, overrides=["algorithm.critic.hold_value_at_zero=true"]), Path("/tmp"))
+    assert nocritic.algorithm.critic.hold_value_at_zero

@@ -58,19 +58,19 @@ def plan(p: Protocol) -> list[RunSpec]:
 
 def run_config(p: Protocol, spec: RunSpec, prompts_dir: Path):
     """The protocol's shared config with this run's algorithm, seed, reward, overrides, budget and evaluation."""
-    from rewardtune.config import ConstraintConfig, RewardSpec, RunConfig, load_config
+    from rewardtune.config import ConstraintConfig, RewardSpec, RunConfig, apply_overrides, load_config
     from rewardtune.testbed.compare import FIDELITY, GOLD, PROXY
 
     config = Path(p.config) if Path(p.config).is_absolute() else REPO / p.config
-    base = load_config(config, spec.overrides)
-    data = base.model_dump(mode="json")
-    data["algorithm"]["name"] = spec.algorithm
+    data = load_config(config).model_dump(mode="json")
+    data["algorithm"]["name"] = spec.algorithm  # before the arm's overrides, so an arm's own section (grpo's group) is valid
     data["algorithm"]["constraints"] = []
     if spec.algorithm == "cdpo":
         bound = ({"relative_margin": p.cdpo_fidelity_margin} if p.cdpo_fidelity_threshold is None
                  else {"threshold": p.cdpo_fidelity_threshold})
         constraint = ConstraintConfig(reward=RewardSpec(name=FIDELITY), **bound)
         data["algorithm"]["constraints"] = [constraint.model_dump(mode="json")]
+    data = apply_overrides(data, spec.overrides)
     data["reward"] = {"name": spec.reward}
     # every run is judged on the same three rewards; the one it trains on is scored as its training reward
     data["eval_rewards"] = [{"name": n} for n in (PROXY, GOLD, FIDELITY, *p.unseen_rewards) if n != spec.reward]
