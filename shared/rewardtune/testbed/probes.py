@@ -31,21 +31,23 @@ def _evaluator(cfg: RunConfig, run_dir: Path, prompts_dir: Path, prompts: int, i
 @torch.no_grad()
 def checkpoint_path_kl(cfg: RunConfig, run_dir: Path, prompts_dir: Path, checkpoints: list[str], prompts: int,
                        images: int) -> dict[str, float]:
-    """Mean over a fixed subset of Σ_t ‖μ_θ − μ_base‖² / 2σ_t², sampling from the policy (LoRA adapters on)
-    and evaluating the base mean (adapters off) at the same x_t; base itself is 0 by definition.
+    """Mean over a fixed subset of Σ_t ‖μ_θ − μ_base‖² / 2σ_t², sampling from the policy and evaluating the
+    base mean at the same x_t (LoRA: adapters off; full fine-tune: a frozen copy of the base UNet, taken
+    before any checkpoint is loaded); base itself is 0 by definition.
 
     Summed over latent dimensions (not averaged, unlike the PPO log-probs), so it is the chain's KL; the
     steps with the smallest σ_t dominate it (on a 4-epoch LoRA pilot, the 9th of 10 steps gave 90%)."""
+    import copy
+
     from diffusers.utils.torch_utils import randn_tensor
 
     from rewardtune.diffusion import ddim_posterior, encode_prompts, guided_noise_pred
-    from rewardtune.errors import RewardtuneError
     from rewardtune.evaluate import BASE
 
-    if cfg.model.finetune != "lora":
-        raise RewardtuneError("path KL needs model.finetune: lora (the base model is the UNet with its adapters off)")
     ev = _evaluator(cfg, run_dir, prompts_dir, prompts, images, PATH_KL_SEED_OFFSET)
     unet, s = ev.pipe.unet, cfg.sampling
+    lora = cfg.model.finetune == "lora"
+    base_unet = None if lora else copy.deepcopy(unet).eval()  # the evaluator has loaded no checkpoint yet
     scheduler = ev.pipe.scheduler
     vae_factor = 2 ** (len(ev.pipe.vae.config.block_out_channels) - 1)
     items = ev.items
@@ -64,11 +66,15 @@ def checkpoint_path_kl(cfg: RunConfig, run_dir: Path, prompts_dir: Path, checkpo
         mean_p, mean_b, stds = [], [], []
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(latents, t)
-            unet.enable_adapters()
-            eps_p = guided_noise_pred(unet, x_in, t, embeds, negative, s.guidance_scale)
-            unet.disable_adapters()
-            eps_b = guided_noise_pred(unet, x_in, t, embeds, negative, s.guidance_scale)
-            unet.enable_adapters()
+            if lora:
+                unet.enable_adapters()
+                eps_p = guided_noise_pred(unet, x_in, t, embeds, negative, s.guidance_scale)
+                unet.disable_adapters()
+                eps_b = guided_noise_pred(unet, x_in, t, embeds, negative, s.guidance_scale)
+                unet.enable_adapters()
+            else:
+                eps_p = guided_noise_pred(unet, x_in, t, embeds, negative, s.guidance_scale)
+                eps_b = guided_noise_pred(base_unet, x_in, t, embeds, negative, s.guidance_scale)
             mu_p, std = ddim_posterior(scheduler, eps_p, t, latents, s.eta)
             mu_b, _ = ddim_posterior(scheduler, eps_b, t, latents, s.eta)
             mean_p.append(mu_p.cpu().numpy())
