@@ -193,3 +193,22 @@ def test_issue31_arms_build_their_configs():
     assert [c.reward.name for c in policy.algorithm.constraints] == ["testbed_fidelity"]
     nocritic = run_config(p, RunSpec("tdpo_nocritic", "tdpo", 100, overrides=["algorithm.critic.hold_value_at_zero=true"]), Path("/tmp"))
     assert nocritic.algorithm.critic.hold_value_at_zero
+
+
+def test_path_kl_of_a_full_fine_tune_is_zero_at_base_and_positive_after_training(tmp_path):
+    """A full fine-tune has no adapters to turn off: the base mean comes from a frozen copy of the base UNet."""
+    from rewardtune.testbed.benchmark import RunSpec, run_config
+    from rewardtune.testbed.compare import write_prompts
+    from rewardtune.testbed.probes import checkpoint_path_kl
+    from rewardtune.testbed.protocol import load_protocol
+    from rewardtune.trainer import Trainer
+
+    p = load_protocol(REPO / "benchmarks/overopt/pilot-v7.yaml")
+    p = type(p).model_validate(p.model_dump() | {"epochs": 2, "checkpoint_every": 1})
+    prompts = write_prompts(tmp_path / "prompts")
+    spec = RunSpec("full", "ddpo", 100, overrides=["model.finetune=full", "training.learning_rate=1.0e-3",
+                                                   "training.batch_size=8"])
+    cfg = run_config(p, spec, prompts)
+    Trainer(cfg, tmp_path / "run").run()
+    kl = checkpoint_path_kl(cfg, tmp_path / "run", prompts, ["base", "epoch-000002"], prompts=2, images=1)
+    assert kl["base"] == 0.0 and kl["epoch-000002"] > 0
