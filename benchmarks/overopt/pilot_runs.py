@@ -29,6 +29,8 @@ DDPO_32W = ["training.learning_rate=5.0e-3", "training.lr_warmup_steps=8", "trai
             "sampling.batches_per_epoch=4", "training.fused_steps=10"]  # 32 images/epoch, still 8 steps
 PROXY, SHUFFLED = "testbed_proxy", "testbed_proxy_shuffled"
 GOLD = "testbed_gold"
+TDPO_FULL = ["model.finetune=full", "training.learning_rate=1.0e-4", "training.lr_warmup_steps=20",
+             "training.stat_tracking.enabled=false", "algorithm.critic.learning_rate=1.0e-3"]
 # Session 8 (issue 31): regimes where DDPO might overoptimize, DDPO on 16 images/epoch (the TDPO family's
 # sample count, so budgets match), 8 optimizer steps per epoch; each on the proxy and on gold (the oracle)
 REGIMES_V7 = {
@@ -59,6 +61,14 @@ SETS: dict[str, list[RunSpec]] = {
             for name, extra in (("fp0", []), ("fp8", ["algorithm.critic.fit_passes=8"]),
                                 ("fp32", ["algorithm.critic.fit_passes=32"]),
                                 ("fp32clr1e-3", ["algorithm.critic.fit_passes=32", "algorithm.critic.learning_rate=1.0e-3"]))],
+    # the regime between v7a's two full fine-tunes, and the TDPO family in a full fine-tune (20 time-major steps
+    # per epoch at a third of DDPO's 3e-4, about the same rate x steps), with and without critic fit passes
+    "v7c": [RunSpec(f"full2e-4_{arm}", "ddpo", 100, reward, [*REGIMES_V7["full3e-4"][:1], "training.learning_rate=2.0e-4",
+                                                            *REGIMES_V7["full3e-4"][2:]], arm != "ddpo")
+            for arm, reward in (("ddpo", PROXY), ("gold", GOLD))]
+           + [RunSpec(f"fulltd{fp}_{arm.replace('_', '')}", arm, 100, PROXY, [*TDPO_FULL, f"algorithm.critic.fit_passes={fp}"])
+              for fp, arm in ((0, "tdpo"), (16, "tdpo"), (16, "tdpo_r"), (16, "cdpo"))]
+           + [RunSpec("full3e-4_shuf", "ddpo", 100, SHUFFLED, REGIMES_V7["full3e-4"], True)],
     "v7a": [RunSpec(f"{regime}_{arm}", "ddpo", seed, reward, overrides, arm != "ddpo")
             for seed in (100, 101) for regime, overrides in REGIMES_V7.items()
             for arm, reward in (("ddpo", PROXY), ("gold", GOLD))],
