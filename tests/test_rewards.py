@@ -115,7 +115,7 @@ def test_imagereward_key_mapping_loads_official_names_strictly():
 
 
 def test_hps_loader_accepts_state_dict_layout(tiny_rewards, tmp_path):
-    from rewardtune.rewards.hpsv2 import load_hps_state, load_open_clip
+    from rewardtune.rewards.open_clip_files import load_hps_state, load_open_clip
 
     ckpt = tmp_path / "HPS_v2.1_compressed.pt"
     original = torch.load(f"{tiny_rewards['hpsv2']}/HPS_v2.1_compressed.pt", weights_only=True)
@@ -230,7 +230,7 @@ def test_cli_init_tiny_rewards_out(tiny_rewards, capsys):
 @pytest.fixture(scope="module")
 def hps_both_versions(tiny_rewards, tmp_path_factory):
     """A source holding both HPS checkpoints (v2.1 = the tiny stand-in, v2.0 = other weights), as xswu/HPSv2 does."""
-    from rewardtune.rewards.hpsv2 import _register_arch, create_open_clip
+    from rewardtune.rewards.open_clip_files import _register_arch, create_open_clip
 
     directory = tmp_path_factory.mktemp("hps") / "hpsv2"
     shutil.copytree(tiny_rewards["hpsv2"], directory)
@@ -261,8 +261,8 @@ def test_hps_version_picks_the_checkpoint_for_reward_and_critic_tower(hps_both_v
 
 
 def test_hps_version_on_the_hub_fetches_only_that_file():
-    from rewardtune.cache import config_model_refs
     from rewardtune.config import load_config
+    from rewardtune.model_refs import config_model_refs
     from tests.conftest import REPO
 
     spec = RewardSpec(name="hpsv2", options={"version": "2.0"})

@@ -10,7 +10,7 @@ from components.images import TRAINER_IMAGE
 def cache_models(config: str, cache_uri: str, cache: Output[Model], base_model: str = "", reward: str = ""):
     """Fills `cache_uri` (a mounted PVC path or s3:// prefix) and records it on the output artifact."""
     from rewardtune.cache import cache_models as run_cache
-    from rewardtune.cache import config_model_refs
+    from rewardtune.model_refs import config_model_refs
     from rewardtune.stages import param_overrides, resolve_config
 
     cfg = resolve_config(config, param_overrides(base_model=base_model, reward=reward))

@@ -467,27 +467,6 @@ def cache_models(refs: Iterable[ModelRef], cache_uri: str, force: bool = False) 
     return [cache_model(ref, cache, force) for ref in unique.values()]
 
 
-def config_model_refs(cfg: Any) -> list[ModelRef]:
-    """Every model a run config names: the base model, the training/eval/constraint rewards, the critic tower."""
-    from rewardtune.rewards import critic_tower_checkpoint, critic_tower_source, reward_model_refs
-
-    refs = [ModelRef(cfg.model.source, cfg.model.revision)]
-    specs = [cfg.reward, *cfg.eval_rewards, *(c.reward for c in cfg.algorithm.constraints)]
-    for spec in specs:
-        refs.extend(reward_model_refs(spec))
-    if cfg.algorithm.uses_critic:
-        encoder = cfg.algorithm.critic.image_encoder
-        tower = encoder or critic_tower_source(cfg.reward)
-        if tower:
-            from rewardtune.rewards.towers import tower_ref
-
-            refs.append(tower_ref(tower, None if encoder else critic_tower_checkpoint(cfg.reward)))
-    unique: dict[str, ModelRef] = {}
-    for ref in refs:  # one entry per cache key; the first (most specific) file filter wins
-        unique.setdefault(cache_key(ref) if ref.kind != "cache" else ref.source, ref)
-    return list(unique.values())
-
-
 # --------------------------------------------------------------------------------------------- materializing
 
 

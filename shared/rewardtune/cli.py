@@ -44,8 +44,9 @@ def _init_tiny_rewards(directory: str, seed: int) -> None:
 
 
 def _cmd_cache_models(args: argparse.Namespace) -> None:
-    from rewardtune.cache import cache_models, config_model_refs
+    from rewardtune.cache import cache_models
     from rewardtune.config import load_config
+    from rewardtune.model_refs import config_model_refs
 
     refs = config_model_refs(load_config(args.config, args.set))
     if args.dry_run:

@@ -25,7 +25,15 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rewardtune.cache import ModelRef
-    from rewardtune.config import RewardSpec, RunConfig
+
+
+class RewardSpec(Protocol):
+    """What the registry reads of a reward's config (`config.RewardSpec`). A protocol, so the registry imports
+    no config while config's validators ask it about names and options."""
+
+    name: str
+    source: str | None
+    options: dict[str, Any]
 
 
 class Reward(Protocol):
@@ -138,7 +146,7 @@ def critic_tower_source(spec: RewardSpec) -> str | None:
     return fn(spec) if fn else None
 
 
-def critic_image_tower(cfg: RunConfig) -> str:
+def critic_image_tower(cfg: Any) -> str:
     """The source of the tower TDPO's critic embeds decoded x_t with: `algorithm.critic.image_encoder`, else the
     training reward's own. A model-free reward (brightness, JPEG) has none: a ConfigError naming the field, raised
     by plan-arms before a DAG starts and by the trainer alike."""

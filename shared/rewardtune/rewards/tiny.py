@@ -52,8 +52,7 @@ def _aesthetic(directory: Path, seed: int) -> None:
 def _hpsv2(directory: Path, seed: int) -> None:
     import open_clip
 
-    from rewardtune.rewards.hpsv2 import DEFAULT_CHECKPOINT, create_open_clip
-    from rewardtune.rewards.towers import OPEN_CLIP_CONFIG
+    from rewardtune.rewards.open_clip_files import DEFAULT_CHECKPOINT, OPEN_CLIP_CONFIG, create_open_clip
 
     arch = "rt-tiny-ViT-H-14"
     (directory / OPEN_CLIP_CONFIG).write_text(json.dumps({"arch": arch, "model_cfg": TINY_OPEN_CLIP}))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rewardtune.cache import ModelRef, resolve_local, source_kind
 from rewardtune.errors import RewardError
+from rewardtune.rewards.open_clip_files import OPEN_CLIP_CONFIG, load_open_clip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,7 +29,6 @@ CLIP_L14 = "openai/clip-vit-large-patch14"
 CLIP_FILES = ("*.json", "*.txt", "*.safetensors")
 # Hub repos whose tower is not a transformers CLIP: the files to take instead of CLIP_FILES.
 HUB_TOWER_FILES = {"xswu/HPSv2": ("HPS_v2.1_compressed.pt",)}
-OPEN_CLIP_CONFIG = "open_clip_model.json"  # {"arch": name, "model_cfg": {...}} for non-builtin open_clip configs
 
 
 def preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -197,7 +197,5 @@ def _load_tower(source: str, device: torch.device, dtype: torch.dtype, checkpoin
     kind, where = find_tower_dir(directory)
     if kind == "hf":
         return _hf_tower(where, device, dtype)
-    from rewardtune.rewards.hpsv2 import load_open_clip
-
     model, _ = load_open_clip(where, {"checkpoint": checkpoint} if checkpoint else {}, device, dtype)
     return open_clip_tower(model, device, dtype)
