@@ -69,8 +69,9 @@ SETS: dict[str, list[RunSpec]] = {
            + [RunSpec(f"fulltd{fp}_{arm.replace('_', '')}", arm, 100, PROXY, [*TDPO_FULL, f"algorithm.critic.fit_passes={fp}"])
               for fp, arm in ((0, "tdpo"), (16, "tdpo"), (16, "tdpo_r"), (16, "cdpo"))]
            + [RunSpec("full3e-4_shuf", "ddpo", 100, SHUFFLED, REGIMES_V7["full3e-4"], True)],
+    # lora16's seed 101 was dropped before it ran: on seed 100 both of its arms collapsed (gold 0.33 -> 0.09)
     "v7a": [RunSpec(f"{regime}_{arm}", "ddpo", seed, reward, overrides, arm != "ddpo")
-            for seed in (100, 101) for regime, overrides in REGIMES_V7.items()
+            for seed in (100, 101) for regime, overrides in REGIMES_V7.items() if (regime, seed) != ("lora16", 101)
             for arm, reward in (("ddpo", PROXY), ("gold", GOLD))],
 }
 
