@@ -70,6 +70,11 @@ SETS: dict[str, list[RunSpec]] = {
               for fp, arm in ((0, "tdpo"), (16, "tdpo"), (16, "tdpo_r"), (16, "cdpo"))]
            + [RunSpec("full3e-4_shuf", "ddpo", 100, SHUFFLED, REGIMES_V7["full3e-4"], True)],
     # lora16's seed 101 was dropped before it ran: on seed 100 both of its arms collapsed (gold 0.33 -> 0.09)
+    # a LoRA regime that could overoptimize without collapsing (rank 16 at a quarter of v7a's rate): the TPAMI
+    # reading of CDPO resets the policy's LoRA neurons, which a full fine-tune does not have
+    "v7d": [RunSpec(f"lora16r5e-3_{arm}", "ddpo", 100, reward, ["model.lora_rank=16", "training.learning_rate=5.0e-3",
+                                                              "training.lr_warmup_steps=8", "training.batch_size=2"], arm != "ddpo")
+            for arm, reward in (("ddpo", PROXY), ("gold", GOLD))],
     "v7a": [RunSpec(f"{regime}_{arm}", "ddpo", seed, reward, overrides, arm != "ddpo")
             for seed in (100, 101) for regime, overrides in REGIMES_V7.items() if (regime, seed) != ("lora16", 101)
             for arm, reward in (("ddpo", PROXY), ("gold", GOLD))],
