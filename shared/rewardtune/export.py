@@ -181,6 +181,19 @@ def _load_policy(cfg: Any, checkpoint: Path | None):
     return pipe
 
 
+def _save_adapter(cfg: Any, pipe: Any, directory: Path) -> None:
+    """The loaded LoRA in the diffusers format with its adapter metadata (what `load_lora_weights` reads)."""
+    directory.mkdir(parents=True)
+    if cfg.model.family == "sd":
+        from rewardtune.models import save_policy
+
+        save_policy(pipe.unet, cfg.model, directory)
+    else:
+        from rewardtune.families.flow import FlowFamily
+
+        FlowFamily(pipe).save_lora(directory)
+
+
 def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) -> None:
     """Save the exported pipeline into `out` (a fresh directory); checkpoint None: the base model unchanged."""
     import torch
@@ -191,10 +204,9 @@ def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) ->
         if merge:
             denoiser.fuse_lora(lora_scale=1.0)  # W += scale * B A with peft's alpha / r, as in training
             denoiser.unload_lora()
-        else:
-            denoiser.unload_lora()  # the adapter goes to lora/ unchanged; the denoiser stays the base one
-            (out / LORA_DIR).mkdir(parents=True)
-            shutil.copy2(checkpoint / "pytorch_lora_weights.safetensors", out / LORA_DIR)
+        else:  # lora/ is written from the loaded adapter, so it carries its scale even from an old checkpoint
+            _save_adapter(cfg, pipe, out / LORA_DIR)
+            denoiser.unload_lora()  # the denoiser stays the base one
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.model.dtype, torch.float32)
     pipe.to(dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
