@@ -238,6 +238,19 @@ def checkpoint_names(run_dir: Path, checkpoint: str | None = None) -> list[str]:
     return names
 
 
+def require_run(run_dir: Path) -> None:
+    """Refuse a `--run` that holds no training run: evaluating it would score the base model alone and exit 0."""
+    from rewardtune.provenance import CONFIG_FILE
+
+    fix = "give the --out directory of a `rewardtune train` run"
+    if not run_dir.exists():
+        raise RewardtuneError(f"--run {run_dir} does not exist; {fix}")
+    if not run_dir.is_dir():
+        raise RewardtuneError(f"--run {run_dir} is not a directory; {fix}")
+    if not (run_dir / CONFIG_FILE).is_file() and not (run_dir / "checkpoints").is_dir():
+        raise RewardtuneError(f"--run {run_dir} holds no run (no {CONFIG_FILE}, no checkpoints/); {fix}")
+
+
 def check_trained_with(path: Path, manifest: dict[str, Any], cfg: RunConfig) -> None:
     """Refuse a checkpoint trained on another base model or policy shape: its scores would be meaningless.
 
@@ -255,8 +268,10 @@ def check_trained_with(path: Path, manifest: dict[str, Any], cfg: RunConfig) -> 
 
 def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
     """Epoch, kind and samples seen of a checkpoint; base is epoch 0, 0 samples."""
+    from rewardtune.provenance import checkpoint_digest
+
     if name == BASE:
-        return {"epoch": 0, "kind": BASE, "samples": 0}
+        return {"epoch": 0, "kind": BASE, "samples": 0, "digest": None}
     path = run_dir / "checkpoints" / name
     manifest = json.loads((path / "manifest.json").read_text())
     state_file = path / "trainer_state.json"
@@ -270,7 +285,8 @@ def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path}: trainer_state.json is not a JSON object (damaged); "
                                   "evaluate another checkpoint")
         samples = state.get("samples_seen")
-    return {"epoch": manifest["epochs_done"], "kind": manifest["kind"], "samples": samples}
+    return {"epoch": manifest["epochs_done"], "kind": manifest["kind"], "samples": samples,
+            "digest": checkpoint_digest(manifest)}
 
 
 def hardware_info(device: torch.device) -> dict[str, Any]:
@@ -526,14 +542,23 @@ def evaluate_run(
     A checkpoint whose metrics.json exists is skipped (resumable). Base is always evaluated first: drift is
     measured against its embeddings.
     """
+    from rewardtune.provenance import check_evaluation_of, evaluation_provenance
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     prompts_dir = Path(prompts_dir) if prompts_dir is not None else None
+    require_run(run_dir)
     names = checkpoint_names(run_dir, checkpoint)
+    if names == [BASE] and checkpoint != BASE:
+        raise CheckpointError(f"--run {run_dir} holds no valid checkpoint to evaluate; train it first (or resume it), "
+                              "or pass --checkpoint base to evaluate the base model alone")
     for name in names[1:]:  # before any work: a mismatch must not cost a base-model evaluation first
         path = run_dir / "checkpoints" / name
         check_trained_with(path, verify_checkpoint(path), cfg)
     infos = {name: checkpoint_info(run_dir, name) for name in names}  # a damaged state file refuses here too
     remove_stale_results(out_dir)
+    if out_dir.is_dir():  # results already there (skipped below) must be of this run and these checkpoints
+        check_evaluation_of(run_dir, read_evaluations(out_dir), "--out", out_dir)
+    provenance = evaluation_provenance(run_dir, cfg.model.source, cfg.model.revision)
     todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
     paths = [out_dir / n / "metrics.json" for n in names]
     for name in names:
@@ -557,6 +582,7 @@ def evaluate_run(
             "checkpoint": name,
             **infos[name],
             "train_reward": cfg.reward.name,
+            "run": provenance,
             "embedding": ev.embedder.name,
             "images_per_prompt": cfg.evaluation.images_per_prompt,
             "num_prompts": {split: len(ev.prompts[split]) for split in SPLITS},

@@ -24,6 +24,7 @@ from typing import Any
 
 from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
 from rewardtune.errors import RewardtuneError
+from rewardtune.provenance import check_evaluation_of
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,19 @@ def select_checkpoint(run_dir: Path, records: list[dict[str, Any]], rule: str) -
            for u in unseen}
     index = best_heldout_index(train, series, low)
     kept = [n for c, n in enumerate(names) if c == 0 or all(series[u][c] >= low[u] for u in unseen)]
+    rule_name = "(`--select best-heldout`, rewardtune.indicators.best_heldout_index)"
+    within = f"kept the unseen rewards ({', '.join(unseen)}) at or above the base model's 95% CI lower bound"
+    if index == 0 and len(kept) == 1:
+        return names[0], (f"no checkpoint {within}, so the base model is shipped (base held-out {train_name} "
+                          f"{train[0]:.4g}, {len(names) - 1} checkpoint(s) evaluated) {rule_name}")
+    if index == 0:
+        best = max(range(1, len(names)), key=lambda c: train[c]) if len(names) > 1 else 0
+        return names[0], (f"the base model scored highest on the training reward (held-out {train_name} "
+                          f"{train[0]:.4g}; best checkpoint {names[best]}: {train[best]:.4g}) among the "
+                          f"{len(kept)} of {len(names)} evaluated that {within} {rule_name}")
     reason = (f"highest held-out {train_name} ({train[index]:.4g}) among the {len(kept)} of {len(names)} evaluated "
               f"checkpoints whose unseen rewards ({', '.join(unseen)}) stay at or above the base model's 95% CI "
-              "lower bound (`--select best-heldout`, rewardtune.indicators.best_heldout_index)")
+              f"lower bound {rule_name}")
     return names[index], reason
 
 
@@ -120,7 +131,7 @@ def model_card(cfg: Any, chosen: str, reason: str, records: list[dict[str, Any]]
         + (f", LoRA rank {cfg.model.lora_rank}" if cfg.model.finetune == "lora" else "") + ")",
         f"- **Training reward:** {cfg.reward.name}; **constraints:** {constraints}",
         f"- **Checkpoint:** {chosen}: {reason}.",
-        "- **Weights:** " + ("the base model unchanged: no checkpoint qualified" if chosen == "base"
+        "- **Weights:** " + ("the base model unchanged (the reason is above)" if chosen == "base"
                              else "fine-tuned UNet" if cfg.model.finetune == "full"
                              else "LoRA fused into the UNet" if merged
                              else f"base UNet + LoRA adapter in `{LORA_DIR}/` (`pipe.load_lora_weights(dir + '/{LORA_DIR}')`)"),
@@ -228,10 +239,12 @@ def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, m
     if eval_dir is not None and not Path(eval_dir).is_dir():
         raise RewardtuneError(f"--eval {eval_dir} is not a directory")
     records = read_evaluations(Path(eval_dir)) if eval_dir is not None else []
+    if records:
+        check_evaluation_of(run_dir, records, "--eval", Path(eval_dir))
     chosen, reason = select_checkpoint(run_dir, records, select)
     checkpoint = None if chosen == "base" else run_dir / "checkpoints" / chosen
     if checkpoint is None:  # the rule says no fine-tuned checkpoint is better: ship the base model, and say so
-        log.warning("--select %s chose the base model: no checkpoint qualified; exporting the base pipeline", select)
+        log.warning("--select %s chose the base model: %s; exporting the base pipeline", select, reason)
     else:
         verify_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from rewardtune.checkpoint import write_text_atomic
 from rewardtune.evaluate import BASE, read_evaluations
 from rewardtune.indicators import DEFINITIONS, summarize
 from rewardtune.metrics import MetricsLog
+from rewardtune.provenance import check_evaluation_of
 
 SPLIT = "heldout"  # the indicators and headline numbers are computed on the held-out prompts
 TRAIN_CURVES = ["reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "critic_loss",
@@ -53,6 +54,7 @@ def load_run(run_dir: Path, eval_dir: Path, label: str) -> RunData:
     evals = read_evaluations(eval_dir)
     if not evals:
         raise ValueError(f"{eval_dir} holds no evaluated checkpoint (*/metrics.json); run `rewardtune evaluate` first")
+    check_evaluation_of(run_dir, evals, "--eval", eval_dir)
     return RunData(label, run_dir, eval_dir, config.read_text() if config.is_file() else "(no config.yaml in run dir)",
                    MetricsLog(run_dir / "metrics.jsonl").read(), evals)
 
