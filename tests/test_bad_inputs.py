@@ -122,6 +122,19 @@ def _cuda(c: Ctx) -> list[str]:
     return c.train("device=cuda")
 
 
+def _reward_returning_text(c: Ctx) -> list[str]:
+    """A user's callable reward that returns labels instead of scores (torch alone says "too many dimensions 'str'")."""
+    code = c.root / "text-reward"
+    code.mkdir(exist_ok=True)
+    (code / "text_reward.py").write_text("def labels(images, prompts):\n    return ['good' for _ in prompts]\n")
+    return c.train("reward.name=python", f"reward.options={{callable: 'text_reward:labels', path: '{code}'}}")
+
+
+def _evaluate_empty_run(c: Ctx) -> list[str]:
+    (c.root / "empty-run").mkdir(exist_ok=True)
+    return ["evaluate", "--config", str(c.config), "--run", str(c.root / "empty-run"), "--out", str(c.root / "ev")]
+
+
 BLANK = "  \n\n"
 LONG = "a cat " * 100 + "\n"
 
@@ -214,6 +227,13 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                  r"belong in a config .*pass them as environment variables"),
     "credentials-in-reward-option": (lambda c: c.train("reward.name=aesthetic", "reward.options={clip_source: 's3://AKIA:s3cr3t@b/clip'}"),
                                      r"^(?!.*s3cr3t).*reward\.options: s3://\.\.\.@b: credentials do not belong"),
+    "reward-returns-text": (_reward_returning_text,
+                            r"reward 'python:text_reward:labels' returned text \('good'\) where a score belongs; return one "
+                            r"number per image"),
+    # output directories and runs
+    "train-out-is-a-file": (lambda c: c.train(out=c.write("a-file.txt", "x")),
+                            r"--out .*a-file\.txt is a file, not a directory; give the path of a run directory"),
+    "evaluate-run-without-a-run": (_evaluate_empty_run, r"--run .*empty-run holds no run \(no config\.yaml, no checkpoints/\)"),
     "cuda-without-cuda": (_cuda, r"device: cuda was requested but no CUDA GPU is visible; set device: cpu or auto"),
 }
 

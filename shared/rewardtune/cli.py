@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a diffusers pipeline + model card of the chosen checkpoint (optionally pushed)",
                             description="Selection: last (newest), best-proxy (highest held-out training reward), "
                             "best-heldout (highest training reward among checkpoints whose unseen rewards stay within "
-                            "the base model's 95%% CI; rewardtune.indicators.best_heldout_index).")
+                            "the base model's 95% CI; rewardtune.indicators.best_heldout_index).")
     export.add_argument("--run", required=True, help="run directory of `rewardtune train`")
     export.add_argument("--eval", help="its evaluation directory (needed by best-proxy and best-heldout)")
     export.add_argument("--select", default="best-heldout", choices=["last", "best-proxy", "best-heldout"])

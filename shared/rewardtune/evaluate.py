@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
+from rewardtune.checkpoint import (
+    list_checkpoints,
+    verify_checkpoint,
+    warn_stray_checkpoint_files,
+    write_json_atomic,
+)
 from rewardtune.config import RewardSpec, RunConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
 from rewardtune.faults import fault_point
@@ -228,6 +233,7 @@ def checkpoint_names(run_dir: Path, checkpoint: str | None = None) -> list[str]:
         verify_checkpoint(root / checkpoint)
         return [BASE, checkpoint]
     names = [BASE]
+    warn_stray_checkpoint_files(root)
     for path in list_checkpoints(root):
         try:
             verify_checkpoint(path)

@@ -218,9 +218,31 @@ def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) ->
         else:  # lora/ is written from the loaded adapter, so it carries its scale even from an old checkpoint
             _save_adapter(cfg, pipe, out / LORA_DIR)
             denoiser.unload_lora()  # the denoiser stays the base one
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.model.dtype, torch.float32)
-    pipe.to(dtype=dtype)
+    cast_components(pipe, {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.model.dtype, torch.float32))
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+def cast_components(pipe: Any, dtype: Any) -> None:
+    """Every torch component of `pipe` in `dtype`, without diffusers' spurious warnings.
+
+    `ModelMixin.to(dtype=...)` warns "modules ... that should be kept in float32: []" on every dtype cast, even
+    when the model keeps none in float32 (its list defaults to [] and is then tested against None), and
+    `pipe.to(dtype)` casts the UNet/transformer and the VAE this way: two warnings per export. A component
+    already in `dtype` is left alone; one with modules to keep in float32 goes through diffusers' own `to`
+    (its warning is then real); the others are cast as the plain torch modules they are.
+    """
+    import torch
+    from diffusers.models.modeling_utils import ModelMixin
+
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if all(p.dtype == dtype for p in component.parameters() if p.is_floating_point()):
+            continue
+        if isinstance(component, ModelMixin) and not component._keep_in_fp32_modules:
+            torch.nn.Module.to(component, dtype=dtype)
+        else:
+            component.to(dtype=dtype)
 
 
 def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, merge: bool = False,

@@ -165,7 +165,7 @@ class StartRecord:
             except OSError:
                 pass
         if created:
-            log.info("removed what the failed start wrote to %s (%s): it holds no checkpoint", self.out_dir,
+            log.debug("removed what the failed start wrote to %s (%s): it holds no checkpoint", self.out_dir,
                      ", ".join(sorted(p.name for p in created)))
 
 
