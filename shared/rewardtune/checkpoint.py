@@ -37,7 +37,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Every file under `root`, then `root` itself, to disk: what a rename into place must follow."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with path.open("rb") as handle:
@@ -88,7 +89,7 @@ def save_checkpoint(
             if p.is_file()
         }
         write_json_atomic(tmp / MANIFEST, {"epochs_done": epochs_done, "kind": kind, "meta": meta, "files": files})
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except Exception as err:
         failure = storage_failure(err, root)
         if failure is None:

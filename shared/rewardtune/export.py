@@ -15,6 +15,7 @@ Written to a temporary directory beside `--out` and renamed into place.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,9 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
+from rewardtune.checkpoint import fsync_tree, list_checkpoints, verify_checkpoint, write_json_atomic
 from rewardtune.errors import RewardtuneError
-from rewardtune.provenance import check_evaluation_of
+from rewardtune.faults import fault_point
+from rewardtune.provenance import check_evaluation_of, checkpoint_digest, read_run_id
+from rewardtune.safe_paths import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +258,7 @@ def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, m
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise RewardtuneError(f"--run {run_dir} has no config.yaml; give the directory of a `rewardtune train` run")
-    if out.exists():
-        raise RewardtuneError(f"--out {out} already exists; remove it or choose another path")
+    previous = _previous_export(out)
     cfg = load_config(config_path)
     if eval_dir is not None and not Path(eval_dir).is_dir():
         raise RewardtuneError(f"--eval {eval_dir} is not a directory")
@@ -267,24 +269,55 @@ def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, m
     checkpoint = None if chosen == "base" else run_dir / "checkpoints" / chosen
     if checkpoint is None:  # the rule says no fine-tuned checkpoint is better: ship the base model, and say so
         log.warning("--select %s chose the base model: %s; exporting the base pipeline", select, reason)
+    merged = checkpoint is not None and (merge or cfg.model.finetune == "full")
+    summary = {"checkpoint": chosen, "select": select, "reason": reason, "merged": merged,
+               "base_model": cfg.model.source, "algorithm": cfg.algorithm.name, "reward": cfg.reward.name,
+               "run_id": read_run_id(run_dir),
+               "checkpoint_digest": checkpoint_digest(verify_checkpoint(checkpoint)) if checkpoint else None}
+    if previous is not None and all(previous.get(k) == v for k, v in summary.items()):
+        log.info("--out %s already holds this export (%s); kept", out, chosen)  # a retried step: the same result
+        summary = previous
+    elif out.exists():
+        what = "another export (other run, checkpoint, selection or merge)" if previous is not None else "files"
+        raise RewardtuneError(f"--out {out} already exists and holds {what}; remove it or choose another path")
     else:
-        verify_checkpoint(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write_pipeline(cfg, checkpoint, tmp, merge)
-        merged = checkpoint is not None and (merge or cfg.model.finetune == "full")
-        (tmp / "README.md").write_text(model_card(cfg, chosen, reason, records, merged, base_license(cfg.model.source)))
-        summary = {"checkpoint": chosen, "select": select, "reason": reason, "merged": merged,
-                   "base_model": cfg.model.source, "algorithm": cfg.algorithm.name, "reward": cfg.reward.name}
-        write_json_atomic(tmp / EXPORT_FILE, summary)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if push_to_hub:
+        _write_export(cfg, checkpoint, out, merge, summary, model_card(
+            cfg, chosen, reason, records, merged, base_license(cfg.model.source)))
+    if push_to_hub and not summary.get("pushed"):
         summary["pushed"] = push(out, push_to_hub, private=private, message=f"rewardtune export: {chosen} ({select})")
         write_json_atomic(out / EXPORT_FILE, summary)
     return summary
+
+
+def _previous_export(out: Path) -> dict[str, Any] | None:
+    """The summary of a complete export already at `out` (a retried step), or None."""
+    try:
+        data = json.loads((out / EXPORT_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_export(cfg: Any, checkpoint: Path | None, out: Path, merge: bool, summary: dict[str, Any], card: str) -> None:
+    """Pipeline, card and summary into a temporary directory beside `out`, fsynced, then renamed into place.
+
+    Temporary directories of killed attempts (`.<name>.tmp-*`) are removed first: an attempt never reads or
+    keeps another's files.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_pipeline(cfg, checkpoint, tmp, merge)
+        (tmp / "README.md").write_text(card)
+        write_json_atomic(tmp / EXPORT_FILE, summary)
+        fault_point("export_write")
+        apply_umask(tmp)
+        fsync_tree(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def push(folder: Path, repo_id: str, private: bool = True, message: str = "rewardtune export") -> str:
