@@ -519,10 +519,11 @@ def test_damaged_config_file(base, data):
 PATH_KINDS = ["valid", "missing", "empty-dir", "file", "unicode-dir", "swapped"]
 
 
-def odd_path(box: Sandbox, base: dict, kind: str, valid: Path, other: Path) -> Path:
-    """A path argument of `kind`: the valid one (copied into the sandbox), or a missing, empty, file or wrong one."""
+def odd_path(box: Sandbox, role: str, kind: str, valid: Path, other: Path) -> Path:
+    """A path argument of `kind` for `role`: the valid one (copied into the sandbox), or a missing, empty, file
+    or wrong one."""
     if kind == "valid":
-        return Path(shutil.copytree(valid, box.root / f"copy-{valid.name}")) if valid.is_dir() else valid
+        return Path(shutil.copytree(valid, box.root / f"copy-{role}")) if valid.is_dir() else valid
     if kind == "missing":
         return box.root / "does-not-exist"
     if kind == "empty-dir":
@@ -533,8 +534,8 @@ def odd_path(box: Sandbox, base: dict, kind: str, valid: Path, other: Path) -> P
         path.write_text("not a directory\n")
         return path
     if kind == "unicode-dir":
-        return Path(shutil.copytree(valid, box.root / "ünï cødé 🐍 dir")) if valid.is_dir() else valid
-    return Path(shutil.copytree(other, box.root / f"swapped-{other.name}"))  # a run where an eval belongs, or back
+        return Path(shutil.copytree(valid, box.root / f"ünï cødé 🐍 {role}")) if valid.is_dir() else valid
+    return Path(shutil.copytree(other, box.root / f"swapped-{role}"))  # a run where an eval belongs, or back
 
 
 SELECTS = st.one_of(st.sampled_from(["last", "best-proxy", "best-heldout"]), st.sampled_from(ODD_TEXT))
@@ -548,16 +549,17 @@ def test_evaluate_export_report_cache_arguments(base, data):
     command = data.draw(st.sampled_from(["evaluate", "export", "report", "cache-models", "prepare-prompts",
                                          "validate-config"]), label="command")
     with Sandbox() as box:
-        run = odd_path(box, base, data.draw(st.sampled_from(PATH_KINDS), label="run"), base["run"], base["eval"])
-        out = box.root / data.draw(st.sampled_from(["out", "ünï out", "a/b/c"]), label="out")
-        config = odd_path(box, base, data.draw(st.sampled_from(["valid", "valid", "missing", "empty-dir", "file"]),
+        run = odd_path(box, "run", data.draw(st.sampled_from(PATH_KINDS), label="run"), base["run"], base["eval"])
+        out_name = data.draw(st.sampled_from(["out", "ünï out", "new/nested/out"]), label="out")
+        out = box.root / out_name
+        config = odd_path(box, "config", data.draw(st.sampled_from(["valid", "valid", "missing", "empty-dir", "file"]),
                                                label="config"), base["config"], base["config"])
         if command == "evaluate":
             argv = ["evaluate", "--config", str(config), "--run", str(run), "--out", str(out)]
             if data.draw(st.booleans(), label="checkpoint"):
                 argv += ["--checkpoint", data.draw(CHECKPOINTS, label="name")]
         elif command in ("export", "report"):
-            ev = odd_path(box, base, data.draw(st.sampled_from(PATH_KINDS), label="eval"), base["eval"], base["run"])
+            ev = odd_path(box, "eval", data.draw(st.sampled_from(PATH_KINDS), label="eval"), base["eval"], base["run"])
             argv = [command, "--run", str(run), "--eval", str(ev), "--out", str(out)]
             if command == "export":
                 argv += ["--select", data.draw(SELECTS, label="select")]
@@ -571,7 +573,7 @@ def test_evaluate_export_report_cache_arguments(base, data):
             argv = ["prepare-prompts", "--config", str(config), "--out", str(out)]
         else:
             argv = ["validate-config", "--config", str(config), *(["--print"] if data.draw(st.booleans()) else [])]
-        box.run(f"args-{command}", argv, base, out)
+        box.run(f"args-{command}", argv, base, box.root / out_name.split("/")[0])  # parents it makes are its own
 
 
 EVAL_EDITS = ["other-run-id", "no-provenance", "digest-wrong", "not-object", "no-rewards", "mean-str", "base-missing",

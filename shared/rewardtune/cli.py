@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rewardtune.errors import RewardtuneError, Terminated, describe_os_error, one_line
 
@@ -171,8 +172,16 @@ def _cmd_testbed_benchmark(args: argparse.Namespace) -> None:
     benchmark(args.protocol, args.out, jobs=args.jobs, use_smoke=args.smoke, threads=args.threads)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's contract: a bad argument is one `error:` line (naming it and `--help`), exit 2,
+    not the usage block followed by `prog: error: ...` (subcommands inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {one_line(message)}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rewardtune", description=__doc__)
+    parser = _Parser(prog="rewardtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
