@@ -136,6 +136,9 @@ def _evaluate_empty_run(c: Ctx) -> list[str]:
 
 
 BLANK = "  \n\n"
+DUPLICATE_JSONL = '{"prompt": "a cat", "prompt": "a dog"}\n'
+NAN_JSONL = '{"prompt": "a cat", "w": NaN}\n'
+FORM_FEED_TXT = "a cat\x0ca dog\n"
 LONG = "a cat " * 100 + "\n"
 
 # id -> (argv builder, regex the one stderr line must match)
@@ -191,6 +194,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                     r"override 'training\.epochs=!!timestamp a': the value is not valid YAML .*quote it"),
     "config-tagged-unbuildable": (lambda c: ["validate-config", "--config", str(c.write("tagged.yaml", "training: {epochs: !!int x}\n"))],
                                   r"tagged\.yaml is not valid YAML \(a tagged value PyYAML cannot build: ValueError"),
+    # strict where PyYAML and json are lax: a key given twice, NaN, a line break other than \n
+    "config-duplicate-key": (lambda c: ["validate-config", "--config", str(c.write("dup.yaml", yaml.safe_dump(c.data) + "training: {seed: 2}\n"))],
+                             r"dup\.yaml is not valid YAML at line \d+ \(duplicate key 'training' \(first at line \d+\); keep one\)"),
+    "jsonl-duplicate-key": (lambda c: c.train(f"prompts.source={c.write('dup.jsonl', DUPLICATE_JSONL)}"),
+                            r"dup\.jsonl line 1: the key 'prompt' appears twice; JSON Lines must be strict JSON"),
+    "jsonl-nan": (lambda c: c.train(f"prompts.source={c.write('nan.jsonl', NAN_JSONL)}"), r"nan\.jsonl line 1: NaN is not JSON"),
+    "txt-form-feed": (lambda c: c.train(f"prompts.source={c.write('ff.txt', FORM_FEED_TXT)}"),
+                      r"ff\.txt line 1: the prompt 'a cat\\x0ca dog' contains a line break"),
     "override-without-value": (lambda c: c.train("training.epochs"), r"override 'training\.epochs' must look like section\.key=value"),
     # prompt files
     "empty-prompt-file": (lambda c: c.train(f"prompts.source={c.write('empty.txt', '')}"), r"empty\.txt holds no prompts; put one prompt per line"),

@@ -606,6 +606,73 @@ def evaluate_run(
 
 
 def read_evaluations(eval_dir: Path) -> list[dict[str, Any]]:
-    """Every metrics.json under `eval_dir`, base first, then by samples seen, epoch and name."""
-    records = [json.loads(p.read_text()) for p in Path(eval_dir).glob("*/metrics.json") if not p.parent.name.startswith(".")]
+    """Every metrics.json under `eval_dir`, base first, then by samples seen, epoch and name.
+
+    Each is checked for the fields export and report read (`check_record`) and for the same training reward
+    and reward names as the others: a damaged or hand-edited file is one line naming it, not a KeyError later.
+    """
+    records = []
+    for path in sorted(Path(eval_dir).glob("*/metrics.json")):
+        if path.parent.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise RewardtuneError(f"evaluation {path} cannot be read ({type(err).__name__}); {_REDO}") from None
+        check_record(record, path)
+        records.append(record)
+    for record in records[1:]:
+        first = records[0]
+        if (record["train_reward"], set(record["rewards"])) != (first["train_reward"], set(first["rewards"])):
+            raise RewardtuneError(f"evaluation {eval_dir}: {record['checkpoint']} and {first['checkpoint']} were scored "
+                                  f"on different rewards (two evaluations mixed in one directory?); {_REDO}")
     return sorted(records, key=lambda r: (r["checkpoint"] != BASE, r.get("samples") or 0, r["epoch"], r["checkpoint"]))
+
+
+_REDO = "evaluate the run again into a new --out"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_stats(stats: Any) -> bool:
+    """A {mean, std, ci95: [lo, hi], n} entry, or None (no prompts in that split)."""
+    if stats is None:
+        return True
+    return (isinstance(stats, dict) and all(_is_number(stats.get(k)) for k in ("mean", "std", "n"))
+            and isinstance(stats.get("ci95"), list) and len(stats["ci95"]) == 2 and all(map(_is_number, stats["ci95"])))
+
+
+def check_record(record: Any, path: Path) -> None:
+    """Refuse a metrics.json without the structure `evaluate_run` writes (the fields export and report read)."""
+    def bad(what: str) -> RewardtuneError:
+        return RewardtuneError(f"evaluation {path} is damaged ({what}); {_REDO}")
+
+    if not isinstance(record, dict):
+        raise bad("not a JSON object")
+    if record.get("checkpoint") != path.parent.name:
+        raise bad(f"its checkpoint {record.get('checkpoint')!r} is not its directory's name {path.parent.name!r}")
+    if not _is_number(record.get("epoch")) or not isinstance(record.get("train_reward"), str):
+        raise bad("no epoch or train_reward")
+    rewards = record.get("rewards")
+    if not isinstance(rewards, dict) or record["train_reward"] not in rewards:
+        raise bad("no rewards entry for its training reward")
+    for name, entry in rewards.items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("role"), str)
+                or not all(_check_stats(entry.get(split)) for split in SPLITS)
+                or all(entry.get(split) is None for split in SPLITS)):
+            raise bad(f"reward {name!r} has no valid role/heldout/train statistics")
+    for kind in ("diversity", "drift"):
+        entry = record.get(kind)
+        if not isinstance(entry, dict) or not all(_check_stats(entry.get(split)) for split in SPLITS):
+            raise bad(f"no valid {kind} statistics")
+    timing, counts = record.get("timing"), record.get("num_prompts")
+    if not isinstance(timing, dict) or not _is_number(timing.get("images_per_s")):
+        raise bad("no timing.images_per_s")
+    if not isinstance(counts, dict) or not all(isinstance(counts.get(split), int) for split in SPLITS):
+        raise bad("no num_prompts per split")
+    if not isinstance(record.get("embedding"), str) or not isinstance(record.get("hardware", {}), dict):
+        raise bad("no embedding name or a non-object hardware entry")
+    if not isinstance(record.get("samples") or 0, int) or not isinstance(record.get("run", {}), dict):
+        raise bad("samples is not a count or run is not an object")

@@ -55,7 +55,11 @@ def load_run(run_dir: Path, eval_dir: Path, label: str) -> RunData:
     if not evals:
         raise ValueError(f"{eval_dir} holds no evaluated checkpoint (*/metrics.json); run `rewardtune evaluate` first")
     check_evaluation_of(run_dir, evals, "--eval", eval_dir)
-    return RunData(label, run_dir, eval_dir, config.read_text() if config.is_file() else "(no config.yaml in run dir)",
+    try:  # shown as text in the report: a damaged file shows as what it is, not a crash
+        config_text = config.read_bytes().decode("utf-8", errors="replace") if config.is_file() else None
+    except OSError:
+        config_text = None
+    return RunData(label, run_dir, eval_dir, config_text or "(no readable config.yaml in run dir)",
                    MetricsLog(run_dir / "metrics.jsonl").read(), evals)
 
 
@@ -271,10 +275,11 @@ def _prompts(run: RunData) -> dict[int, str]:
     import json
 
     samples = run.eval_dir / BASE / "samples.jsonl"
-    if not samples.is_file():
+    try:
+        records = [json.loads(line) for line in samples.read_text().split("\n") if line.strip()]
+        return {r["index"]: str(r["prompt"]) for r in records if r["split"] == SPLIT}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # labels only: a damaged file shows indices
         return {}
-    records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    return {r["index"]: r["prompt"] for r in records if r["split"] == SPLIT}
 
 
 def timing_table(runs: list[RunData]) -> str:
