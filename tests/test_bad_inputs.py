@@ -122,7 +122,23 @@ def _cuda(c: Ctx) -> list[str]:
     return c.train("device=cuda")
 
 
+def _reward_returning_text(c: Ctx) -> list[str]:
+    """A user's callable reward that returns labels instead of scores (torch alone says "too many dimensions 'str'")."""
+    code = c.root / "text-reward"
+    code.mkdir(exist_ok=True)
+    (code / "text_reward.py").write_text("def labels(images, prompts):\n    return ['good' for _ in prompts]\n")
+    return c.train("reward.name=python", f"reward.options={{callable: 'text_reward:labels', path: '{code}'}}")
+
+
+def _evaluate_empty_run(c: Ctx) -> list[str]:
+    (c.root / "empty-run").mkdir(exist_ok=True)
+    return ["evaluate", "--config", str(c.config), "--run", str(c.root / "empty-run"), "--out", str(c.root / "ev")]
+
+
 BLANK = "  \n\n"
+DUPLICATE_JSONL = '{"prompt": "a cat", "prompt": "a dog"}\n'
+NAN_JSONL = '{"prompt": "a cat", "w": NaN}\n'
+FORM_FEED_TXT = "a cat\x0ca dog\n"
 LONG = "a cat " * 100 + "\n"
 
 # id -> (argv builder, regex the one stderr line must match)
@@ -178,6 +194,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                     r"override 'training\.epochs=!!timestamp a': the value is not valid YAML .*quote it"),
     "config-tagged-unbuildable": (lambda c: ["validate-config", "--config", str(c.write("tagged.yaml", "training: {epochs: !!int x}\n"))],
                                   r"tagged\.yaml is not valid YAML \(a tagged value PyYAML cannot build: ValueError"),
+    # strict where PyYAML and json are lax: a key given twice, NaN, a line break other than \n
+    "config-duplicate-key": (lambda c: ["validate-config", "--config", str(c.write("dup.yaml", yaml.safe_dump(c.data) + "training: {seed: 2}\n"))],
+                             r"dup\.yaml is not valid YAML at line \d+ \(duplicate key 'training' \(first at line \d+\); keep one\)"),
+    "jsonl-duplicate-key": (lambda c: c.train(f"prompts.source={c.write('dup.jsonl', DUPLICATE_JSONL)}"),
+                            r"dup\.jsonl line 1: the key 'prompt' appears twice; JSON Lines must be strict JSON"),
+    "jsonl-nan": (lambda c: c.train(f"prompts.source={c.write('nan.jsonl', NAN_JSONL)}"), r"nan\.jsonl line 1: NaN is not JSON"),
+    "txt-form-feed": (lambda c: c.train(f"prompts.source={c.write('ff.txt', FORM_FEED_TXT)}"),
+                      r"ff\.txt line 1: the prompt 'a cat\\x0ca dog' contains a line break"),
     "override-without-value": (lambda c: c.train("training.epochs"), r"override 'training\.epochs' must look like section\.key=value"),
     # prompt files
     "empty-prompt-file": (lambda c: c.train(f"prompts.source={c.write('empty.txt', '')}"), r"empty\.txt holds no prompts; put one prompt per line"),
@@ -214,6 +238,13 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                  r"belong in a config .*pass them as environment variables"),
     "credentials-in-reward-option": (lambda c: c.train("reward.name=aesthetic", "reward.options={clip_source: 's3://AKIA:s3cr3t@b/clip'}"),
                                      r"^(?!.*s3cr3t).*reward\.options: s3://\.\.\.@b: credentials do not belong"),
+    "reward-returns-text": (_reward_returning_text,
+                            r"reward 'python:text_reward:labels' returned text \('good'\) where a score belongs; return one "
+                            r"number per image"),
+    # output directories and runs
+    "train-out-is-a-file": (lambda c: c.train(out=c.write("a-file.txt", "x")),
+                            r"--out .*a-file\.txt is a file, not a directory; give the path of a run directory"),
+    "evaluate-run-without-a-run": (_evaluate_empty_run, r"--run .*empty-run holds no run \(no config\.yaml, no checkpoints/\)"),
     "cuda-without-cuda": (_cuda, r"device: cuda was requested but no CUDA GPU is visible; set device: cpu or auto"),
 }
 

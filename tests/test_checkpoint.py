@@ -66,3 +66,22 @@ def test_prune_keeps_reset_checkpoints(tmp_path):
     save_checkpoint(tmp_path, 2, "pre_reset", _writer(b"x"), {})
     prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-000002-pre-reset", "epoch-000003", "epoch-000004"]
+
+
+def test_a_file_named_like_a_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    good = save_checkpoint(tmp_path, 1, "regular", _writer(b"1"), {})
+    (tmp_path / "epoch-000002.tar").write_bytes(b"an archived checkpoint")
+    with caplog.at_level(logging.WARNING):
+        path, _ = latest_checkpoint(tmp_path)
+    assert path == good
+    assert "epoch-000002.tar: named like a checkpoint but not a directory" in caplog.text
+
+
+def test_evaluate_warns_about_a_file_named_like_a_checkpoint(tmp_path, caplog):
+    from rewardtune.evaluate import checkpoint_names
+
+    save_checkpoint(tmp_path / "checkpoints", 1, "regular", _writer(b"1"), {})
+    (tmp_path / "checkpoints" / "epoch-000002").write_text("not a directory")
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint_names(tmp_path) == ["base", "epoch-000001"]
+    assert "named like a checkpoint but not a directory" in caplog.text

@@ -38,3 +38,14 @@ def test_missing_model_and_cuda_errors_are_one_line(tmp_path):
     proc = _cli("train", "--config", str(config), "--out", str(tmp_path / "run"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_help_text_renders_percent_signs_once():
+    """argparse %-formats help strings but prints a description as written: "95%%" there showed literally."""
+    from tests.cli_inproc import run_main
+
+    for command in ("train", "evaluate", "export", "report", "prepare-prompts", "cache-models", "validate-config"):
+        result = run_main([command, "--help"])
+        assert result.returncode == 0, result.stderr
+        assert "%%" not in result.stdout, command
+    assert "95% CI" in run_main(["export", "--help"]).stdout

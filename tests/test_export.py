@@ -107,6 +107,7 @@ def test_export_best_heldout_merged_loads_generates_and_equals_the_adapter(lora_
     result = run_cli(["export", "--run", str(root / "run"), "--eval", str(root / "eval"), "--select", "best-heldout",
                       "--out", str(out), "--merge"])
     assert result.returncode == 0, result.stderr
+    assert "kept in float32" not in result.stderr  # diffusers' spurious dtype-cast warning (export.cast_components)
     summary = json.loads((out / "rewardtune_export.json").read_text())
     chosen = summary["checkpoint"]
     assert chosen.startswith("epoch-") and summary["merged"] and f"exported {chosen}" in result.stdout
@@ -147,7 +148,7 @@ def test_export_refuses_an_existing_out_and_a_missing_run(lora_run, tmp_path):
     tmp_path.joinpath("taken").mkdir()
     result = run_cli(["export", "--run", str(root / "run"), "--select", "last", "--out", str(tmp_path / "taken")])
     assert result.returncode == 2 and result.stderr_lines() == [
-        f"error: --out {tmp_path / 'taken'} already exists; remove it or choose another path"]
+        f"error: --out {tmp_path / 'taken'} already exists and holds files; remove it or choose another path"]
     result = run_cli(["export", "--run", str(tmp_path), "--select", "last", "--out", str(tmp_path / "x")])
     assert result.returncode == 2 and "has no config.yaml" in result.stderr
 

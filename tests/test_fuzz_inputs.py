@@ -2,7 +2,9 @@
 
 Inputs: valid configs mutated field by field (types, signs, zero, huge, NaN/inf, unicode, wrong enums,
 missing/extra keys, nested structure), `--set` strings, and damaged files: model and reward directories,
-cache manifests, checkpoints, metrics, prompt files in every supported format, config files.
+cache manifests, checkpoints, metrics, prompt files in every supported format and in any encoding and
+Unicode content a file can hold, config files; and every other CLI's arguments (evaluate, export, report,
+prepare-prompts, cache-models, validate-config) with damaged run and evaluation directories.
 
 Contract, for every case: exit 0 and a sane run, or exit 2 with exactly one `error:` line (the last line)
 and no traceback; never exit 1; never a half-written checkpoint; never a changed file outside `--out`.
@@ -126,10 +128,13 @@ def base(tmp_path_factory, tiny_model_dir, tiny_rewards) -> dict[str, Any]:
     run = root / "run"
     result = run_main(["train", "--config", str(config), "--out", str(run)])
     assert result.returncode == 0, result.stderr
+    evaluation = root / "eval"
+    result = run_main(["evaluate", "--config", str(config), "--run", str(run), "--out", str(evaluation)])
+    assert result.returncode == 0, result.stderr
     cache = root / "cache"
     [entry] = cache_models([ModelRef(tiny_rewards["aesthetic"])], str(cache))
     full = parse_config(data).model_dump(mode="json")
-    return {"data": data, "full": full, "config": config, "run": run, "cache_entry": cache / entry.key,
+    return {"data": data, "full": full, "config": config, "run": run, "eval": evaluation, "cache_entry": cache / entry.key,
             "model": tiny_model_dir, "rewards": tiny_rewards, "watched": [Path(tiny_model_dir), Path(tiny_rewards["aesthetic"]).parent, root]}
 
 
@@ -508,3 +513,164 @@ def test_damaged_config_file(base, data):
         path = Path(shutil.copy(base["config"], box.root / "config.yaml"))
         damage(path, data.draw(st.sampled_from(DAMAGE), label="op"), data)
         box.run("config-file", ["validate-config", "--config", str(path)], base)
+
+
+# ------------------------------------------------------------------------------------------------ D. the other CLIs
+PATH_KINDS = ["valid", "missing", "empty-dir", "file", "unicode-dir", "swapped"]
+
+
+def odd_path(box: Sandbox, role: str, kind: str, valid: Path, other: Path) -> Path:
+    """A path argument of `kind` for `role`: the valid one (copied into the sandbox), or a missing, empty, file
+    or wrong one."""
+    if kind == "valid":
+        return Path(shutil.copytree(valid, box.root / f"copy-{role}")) if valid.is_dir() else valid
+    if kind == "missing":
+        return box.root / "does-not-exist"
+    if kind == "empty-dir":
+        (box.root / "empty").mkdir(exist_ok=True)
+        return box.root / "empty"
+    if kind == "file":
+        path = box.root / "a-file.txt"
+        path.write_text("not a directory\n")
+        return path
+    if kind == "unicode-dir":
+        return Path(shutil.copytree(valid, box.root / f"ünï cødé 🐍 {role}")) if valid.is_dir() else valid
+    return Path(shutil.copytree(other, box.root / f"swapped-{role}"))  # a run where an eval belongs, or back
+
+
+SELECTS = st.one_of(st.sampled_from(["last", "best-proxy", "best-heldout"]), st.sampled_from(ODD_TEXT))
+CHECKPOINTS = st.sampled_from(["base", "epoch-000001", "epoch-000009", "", "../checkpoints", "ünï", "epoch-000001/.."])
+
+
+@fuzz_settings(8)
+@given(st.data())
+def test_evaluate_export_report_cache_arguments(base, data):
+    """Every other CLI with each path argument valid, missing, empty, a file, unicode or the other kind of dir."""
+    command = data.draw(st.sampled_from(["evaluate", "export", "report", "cache-models", "prepare-prompts",
+                                         "validate-config"]), label="command")
+    with Sandbox() as box:
+        run = odd_path(box, "run", data.draw(st.sampled_from(PATH_KINDS), label="run"), base["run"], base["eval"])
+        out_name = data.draw(st.sampled_from(["out", "ünï out", "new/nested/out"]), label="out")
+        out = box.root / out_name
+        config = odd_path(box, "config", data.draw(st.sampled_from(["valid", "valid", "missing", "empty-dir", "file"]),
+                                               label="config"), base["config"], base["config"])
+        if command == "evaluate":
+            argv = ["evaluate", "--config", str(config), "--run", str(run), "--out", str(out)]
+            if data.draw(st.booleans(), label="checkpoint"):
+                argv += ["--checkpoint", data.draw(CHECKPOINTS, label="name")]
+        elif command in ("export", "report"):
+            ev = odd_path(box, "eval", data.draw(st.sampled_from(PATH_KINDS), label="eval"), base["eval"], base["run"])
+            argv = [command, "--run", str(run), "--eval", str(ev), "--out", str(out)]
+            if command == "export":
+                argv += ["--select", data.draw(SELECTS, label="select")]
+                argv += ["--merge"] if data.draw(st.booleans(), label="merge") else []
+            elif data.draw(st.booleans(), label="label"):
+                argv += ["--label", data.draw(st.sampled_from(ODD_TEXT), label="text")]
+        elif command == "cache-models":
+            argv = ["cache-models", "--config", str(config), "--cache", str(out)]
+            argv += ["--dry-run"] if data.draw(st.booleans(), label="dry") else []
+        elif command == "prepare-prompts":
+            argv = ["prepare-prompts", "--config", str(config), "--out", str(out)]
+        else:
+            argv = ["validate-config", "--config", str(config), *(["--print"] if data.draw(st.booleans()) else [])]
+        box.run(f"args-{command}", argv, base, box.root / out_name.split("/")[0])  # parents it makes are its own
+
+
+EVAL_EDITS = ["other-run-id", "no-provenance", "digest-wrong", "not-object", "no-rewards", "mean-str", "base-missing",
+              "checkpoint-name-odd", *DAMAGE]
+
+
+@fuzz_settings(6)
+@given(st.data())
+def test_damaged_eval_dir_export_or_report(base, data):
+    """An evaluation directory damaged as a disk, a hand edit or another run's copy would: export/report refuse or work."""
+    with Sandbox() as box:
+        run = Path(shutil.copytree(base["run"], box.root / "run"))
+        ev = Path(shutil.copytree(base["eval"], box.root / "eval"))
+        name = data.draw(st.sampled_from(["base", "epoch-000001"]), label="checkpoint")
+        metrics = ev / name / "metrics.json"
+        edit = data.draw(st.sampled_from(EVAL_EDITS), label="edit")
+        if edit in DAMAGE:
+            target = data.draw(st.sampled_from([p for p in files_of(ev) if p.suffix != ".png"][:12]), label="file")
+            damage(target, edit, data)
+        else:
+            record = json.loads(metrics.read_text())
+            if edit == "other-run-id":
+                record["run"]["run_id"] = "f" * 32
+            elif edit == "no-provenance":
+                record.pop("run")
+            elif edit == "digest-wrong" and name != "base":
+                record["digest"] = "0" * 64
+            elif edit == "not-object":
+                record = [record]
+            elif edit == "no-rewards":
+                record.pop("rewards")
+            elif edit == "mean-str":
+                next(iter(record["rewards"].values()))["heldout"]["mean"] = "high"
+            elif edit == "base-missing":
+                shutil.rmtree(ev / "base")
+            elif edit == "checkpoint-name-odd":
+                record["checkpoint"] = data.draw(st.sampled_from(["../../x", "", "ünï", "epoch-000009"]), label="name")
+            if edit != "base-missing":
+                metrics.write_text(json.dumps(record))
+        out = box.root / "out"
+        if data.draw(st.booleans(), label="export"):
+            argv = ["export", "--run", str(run), "--eval", str(ev), "--out", str(out),
+                    "--select", data.draw(st.sampled_from(["last", "best-proxy", "best-heldout"]), label="select")]
+        else:
+            argv = ["report", "--run", str(run), "--eval", str(ev), "--out", str(out)]
+        box.run(f"eval-dir-{argv[0]}", argv, base, out)
+
+
+@fuzz_settings(4)
+@given(st.data())
+def test_damaged_run_dir_export_or_report(base, data):
+    """A run directory with one damaged file (config, run id, metrics, a checkpoint file): export/report."""
+    with Sandbox() as box:
+        run = Path(shutil.copytree(base["run"], box.root / "run"))
+        target = data.draw(st.sampled_from([p for p in files_of(run) if p.name != ".rewardtune.lock"]), label="file")
+        damage(target, data.draw(st.sampled_from(DAMAGE), label="op"), data)
+        if data.draw(st.booleans(), label="rehash") and "checkpoints" in target.parts:
+            rehash_checkpoint(run / "checkpoints" / "epoch-000001")
+        out = box.root / "out"
+        command = data.draw(st.sampled_from(["export", "report"]), label="command")
+        argv = [command, "--run", str(run), "--eval", str(base["eval"]), "--out", str(out)]
+        argv += ["--select", "last"] if command == "export" else []
+        box.run(f"run-dir-{command}", argv, base, out)
+
+
+ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1", "cp1252", "shift_jis",
+             "gb18030", "koi8-r"]
+# any character a text file can hold: every category but lone surrogates (not encodable in any UTF)
+FILE_TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=0, max_size=80)
+
+
+@fuzz_settings(10)
+@given(st.data())
+def test_prompt_files_in_any_encoding_and_unicode(base, data):
+    """Prompt files of arbitrary Unicode in odd encodings: read as strict UTF-8 (a BOM allowed) or refused in one line."""
+    with Sandbox() as box:
+        lines = data.draw(st.lists(st.one_of(FILE_TEXT, st.sampled_from(PROMPT_LINES)), min_size=1, max_size=6),
+                          label="lines")
+        encoding = data.draw(st.sampled_from(ENCODINGS), label="encoding")
+        suffix = data.draw(st.sampled_from([".txt", ".jsonl", ".csv"]), label="suffix")
+        if suffix == ".jsonl":
+            text = "".join(json.dumps({"prompt": p}, ensure_ascii=data.draw(st.booleans(), label="ascii")) + "\n"
+                           for p in lines)
+        elif suffix == ".csv":
+            text = "prompt\n" + "".join('"' + p.replace('"', '""') + '"\n' for p in lines)
+        else:
+            text = "".join(p + "\n" for p in lines)
+        path = box.root / f"prompts{suffix}"
+        path.write_bytes(text.encode(encoding, errors="replace"))
+        out = box.root / "out"
+        argv = ["prepare-prompts", "--config", str(base["config"]), "--out", str(out), f"--set=prompts.source={path}"]
+        result = box.run(f"encoding-{suffix}", argv, base, out)
+        if result.returncode == 0:  # what was accepted reads back as exactly the split it wrote
+            from rewardtune.prompts import load_prompts
+
+            summary = json.loads((out / "prompts.json").read_text())
+            train = load_prompts(str(out / "train.txt"))
+            heldout = load_prompts(str(out / "heldout.txt")) if summary["num_heldout"] else []
+            assert (len(train), len(heldout)) == (summary["num_train"], summary["num_heldout"])
+            assert not set(train) & set(heldout)

@@ -37,7 +37,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Every file under `root`, then `root` itself, to disk: what a rename into place must follow."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with path.open("rb") as handle:
@@ -88,7 +89,7 @@ def save_checkpoint(
             if p.is_file()
         }
         write_json_atomic(tmp / MANIFEST, {"epochs_done": epochs_done, "kind": kind, "meta": meta, "files": files})
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except Exception as err:
         failure = storage_failure(err, root)
         if failure is None:
@@ -218,8 +219,20 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch-"))
 
 
+def warn_stray_checkpoint_files(root: Path) -> None:
+    """Warn about non-directories named like checkpoints (`epoch-*`): a checkpoint is a directory, so they are
+    skipped; a user who copied a checkpoint as an archive or a file must hear why it is not used."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("epoch-") and not path.is_dir():
+            log.warning("skipping %s: named like a checkpoint but not a directory (a checkpoint is a directory "
+                        "with %s; unpack it or move it out of %s)", path, MANIFEST, root)
+
+
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest valid resumable checkpoint; broken ones are skipped with a warning."""
+    warn_stray_checkpoint_files(root)
     candidates = []
     for path in list_checkpoints(root):
         try:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rewardtune.errors import RewardtuneError, Terminated, describe_os_error, one_line
 
@@ -172,8 +173,16 @@ def _cmd_testbed_benchmark(args: argparse.Namespace) -> None:
     benchmark(args.protocol, args.out, jobs=args.jobs, use_smoke=args.smoke, threads=args.threads)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's contract: a bad argument is one `error:` line (naming it and `--help`), exit 2,
+    not the usage block followed by `prog: error: ...` (subcommands inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {one_line(message)}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rewardtune", description=__doc__)
+    parser = _Parser(prog="rewardtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -248,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a diffusers pipeline + model card of the chosen checkpoint (optionally pushed)",
                             description="Selection: last (newest), best-proxy (highest held-out training reward), "
                             "best-heldout (highest training reward among checkpoints whose unseen rewards stay within "
-                            "the base model's 95%% CI; rewardtune.indicators.best_heldout_index).")
+                            "the base model's 95% CI; rewardtune.indicators.best_heldout_index).")
     export.add_argument("--run", required=True, help="run directory of `rewardtune train`")
     export.add_argument("--eval", help="its evaluation directory (needed by best-proxy and best-heldout)")
     export.add_argument("--select", default="best-heldout", choices=["last", "best-proxy", "best-heldout"])

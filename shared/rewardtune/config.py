@@ -618,14 +618,37 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 YAML_BUILD_ERRORS = (ValueError, KeyError, AttributeError, TypeError, OverflowError)
 
 
+class StrictYAMLLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    config with two `training:` sections would train with half of what it says (merge keys `<<` may still be
+    overridden, as YAML intends)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, what: str, fix: str) -> Any:
-    """`yaml.safe_load` whose every failure is a one-line `ConfigError`.
+    """YAML (safe, duplicate keys refused: `StrictYAMLLoader`) whose every failure is a one-line `ConfigError`.
 
     PyYAML's constructors raise plain Python errors for explicitly tagged scalars they cannot build
     (`!!timestamp a` raises AttributeError, `!!int a` ValueError, `!!bool x` KeyError), not YAMLError.
     """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictYAMLLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
+from rewardtune.checkpoint import (
+    list_checkpoints,
+    verify_checkpoint,
+    warn_stray_checkpoint_files,
+    write_json_atomic,
+)
 from rewardtune.config import RewardSpec, RunConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
 from rewardtune.faults import fault_point
@@ -228,6 +233,7 @@ def checkpoint_names(run_dir: Path, checkpoint: str | None = None) -> list[str]:
         verify_checkpoint(root / checkpoint)
         return [BASE, checkpoint]
     names = [BASE]
+    warn_stray_checkpoint_files(root)
     for path in list_checkpoints(root):
         try:
             verify_checkpoint(path)
@@ -236,6 +242,19 @@ def checkpoint_names(run_dir: Path, checkpoint: str | None = None) -> list[str]:
             continue
         names.append(path.name)
     return names
+
+
+def require_run(run_dir: Path) -> None:
+    """Refuse a `--run` that holds no training run: evaluating it would score the base model alone and exit 0."""
+    from rewardtune.provenance import CONFIG_FILE
+
+    fix = "give the --out directory of a `rewardtune train` run"
+    if not run_dir.exists():
+        raise RewardtuneError(f"--run {run_dir} does not exist; {fix}")
+    if not run_dir.is_dir():
+        raise RewardtuneError(f"--run {run_dir} is not a directory; {fix}")
+    if not (run_dir / CONFIG_FILE).is_file() and not (run_dir / "checkpoints").is_dir():
+        raise RewardtuneError(f"--run {run_dir} holds no run (no {CONFIG_FILE}, no checkpoints/); {fix}")
 
 
 def check_trained_with(path: Path, manifest: dict[str, Any], cfg: RunConfig) -> None:
@@ -255,8 +274,10 @@ def check_trained_with(path: Path, manifest: dict[str, Any], cfg: RunConfig) -> 
 
 def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
     """Epoch, kind and samples seen of a checkpoint; base is epoch 0, 0 samples."""
+    from rewardtune.provenance import checkpoint_digest
+
     if name == BASE:
-        return {"epoch": 0, "kind": BASE, "samples": 0}
+        return {"epoch": 0, "kind": BASE, "samples": 0, "digest": None}
     path = run_dir / "checkpoints" / name
     manifest = json.loads((path / "manifest.json").read_text())
     state_file = path / "trainer_state.json"
@@ -270,7 +291,8 @@ def checkpoint_info(run_dir: Path, name: str) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path}: trainer_state.json is not a JSON object (damaged); "
                                   "evaluate another checkpoint")
         samples = state.get("samples_seen")
-    return {"epoch": manifest["epochs_done"], "kind": manifest["kind"], "samples": samples}
+    return {"epoch": manifest["epochs_done"], "kind": manifest["kind"], "samples": samples,
+            "digest": checkpoint_digest(manifest)}
 
 
 def hardware_info(device: torch.device) -> dict[str, Any]:
@@ -526,14 +548,23 @@ def evaluate_run(
     A checkpoint whose metrics.json exists is skipped (resumable). Base is always evaluated first: drift is
     measured against its embeddings.
     """
+    from rewardtune.provenance import check_evaluation_of, evaluation_provenance
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     prompts_dir = Path(prompts_dir) if prompts_dir is not None else None
+    require_run(run_dir)
     names = checkpoint_names(run_dir, checkpoint)
+    if names == [BASE] and checkpoint != BASE:
+        raise CheckpointError(f"--run {run_dir} holds no valid checkpoint to evaluate; train it first (or resume it), "
+                              "or pass --checkpoint base to evaluate the base model alone")
     for name in names[1:]:  # before any work: a mismatch must not cost a base-model evaluation first
         path = run_dir / "checkpoints" / name
         check_trained_with(path, verify_checkpoint(path), cfg)
     infos = {name: checkpoint_info(run_dir, name) for name in names}  # a damaged state file refuses here too
     remove_stale_results(out_dir)
+    if out_dir.is_dir():  # results already there (skipped below) must be of this run and these checkpoints
+        check_evaluation_of(run_dir, read_evaluations(out_dir), "--out", out_dir)
+    provenance = evaluation_provenance(run_dir, cfg.model.source, cfg.model.revision)
     todo = [n for n in names if not (out_dir / n / "metrics.json").is_file()]
     paths = [out_dir / n / "metrics.json" for n in names]
     for name in names:
@@ -557,6 +588,7 @@ def evaluate_run(
             "checkpoint": name,
             **infos[name],
             "train_reward": cfg.reward.name,
+            "run": provenance,
             "embedding": ev.embedder.name,
             "images_per_prompt": cfg.evaluation.images_per_prompt,
             "num_prompts": {split: len(ev.prompts[split]) for split in SPLITS},
@@ -574,6 +606,73 @@ def evaluate_run(
 
 
 def read_evaluations(eval_dir: Path) -> list[dict[str, Any]]:
-    """Every metrics.json under `eval_dir`, base first, then by samples seen, epoch and name."""
-    records = [json.loads(p.read_text()) for p in Path(eval_dir).glob("*/metrics.json") if not p.parent.name.startswith(".")]
+    """Every metrics.json under `eval_dir`, base first, then by samples seen, epoch and name.
+
+    Each is checked for the fields export and report read (`check_record`) and for the same training reward
+    and reward names as the others: a damaged or hand-edited file is one line naming it, not a KeyError later.
+    """
+    records = []
+    for path in sorted(Path(eval_dir).glob("*/metrics.json")):
+        if path.parent.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise RewardtuneError(f"evaluation {path} cannot be read ({type(err).__name__}); {_REDO}") from None
+        check_record(record, path)
+        records.append(record)
+    for record in records[1:]:
+        first = records[0]
+        if (record["train_reward"], set(record["rewards"])) != (first["train_reward"], set(first["rewards"])):
+            raise RewardtuneError(f"evaluation {eval_dir}: {record['checkpoint']} and {first['checkpoint']} were scored "
+                                  f"on different rewards (two evaluations mixed in one directory?); {_REDO}")
     return sorted(records, key=lambda r: (r["checkpoint"] != BASE, r.get("samples") or 0, r["epoch"], r["checkpoint"]))
+
+
+_REDO = "evaluate the run again into a new --out"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_stats(stats: Any) -> bool:
+    """A {mean, std, ci95: [lo, hi], n} entry, or None (no prompts in that split)."""
+    if stats is None:
+        return True
+    return (isinstance(stats, dict) and all(_is_number(stats.get(k)) for k in ("mean", "std", "n"))
+            and isinstance(stats.get("ci95"), list) and len(stats["ci95"]) == 2 and all(map(_is_number, stats["ci95"])))
+
+
+def check_record(record: Any, path: Path) -> None:
+    """Refuse a metrics.json without the structure `evaluate_run` writes (the fields export and report read)."""
+    def bad(what: str) -> RewardtuneError:
+        return RewardtuneError(f"evaluation {path} is damaged ({what}); {_REDO}")
+
+    if not isinstance(record, dict):
+        raise bad("not a JSON object")
+    if record.get("checkpoint") != path.parent.name:
+        raise bad(f"its checkpoint {record.get('checkpoint')!r} is not its directory's name {path.parent.name!r}")
+    if not _is_number(record.get("epoch")) or not isinstance(record.get("train_reward"), str):
+        raise bad("no epoch or train_reward")
+    rewards = record.get("rewards")
+    if not isinstance(rewards, dict) or record["train_reward"] not in rewards:
+        raise bad("no rewards entry for its training reward")
+    for name, entry in rewards.items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("role"), str)
+                or not all(_check_stats(entry.get(split)) for split in SPLITS)
+                or all(entry.get(split) is None for split in SPLITS)):
+            raise bad(f"reward {name!r} has no valid role/heldout/train statistics")
+    for kind in ("diversity", "drift"):
+        entry = record.get(kind)
+        if not isinstance(entry, dict) or not all(_check_stats(entry.get(split)) for split in SPLITS):
+            raise bad(f"no valid {kind} statistics")
+    timing, counts = record.get("timing"), record.get("num_prompts")
+    if not isinstance(timing, dict) or not _is_number(timing.get("images_per_s")):
+        raise bad("no timing.images_per_s")
+    if not isinstance(counts, dict) or not all(isinstance(counts.get(split), int) for split in SPLITS):
+        raise bad("no num_prompts per split")
+    if not isinstance(record.get("embedding"), str) or not isinstance(record.get("hardware", {}), dict):
+        raise bad("no embedding name or a non-object hardware entry")
+    if not isinstance(record.get("samples") or 0, int) or not isinstance(record.get("run", {}), dict):
+        raise bad("samples is not a count or run is not an object")

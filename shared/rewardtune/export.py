@@ -15,6 +15,7 @@ Written to a temporary directory beside `--out` and renamed into place.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,8 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rewardtune.checkpoint import list_checkpoints, verify_checkpoint, write_json_atomic
+from rewardtune.checkpoint import fsync_tree, list_checkpoints, verify_checkpoint, write_json_atomic
 from rewardtune.errors import RewardtuneError
+from rewardtune.faults import fault_point
+from rewardtune.provenance import check_evaluation_of, checkpoint_digest, read_run_id
+from rewardtune.safe_paths import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +74,19 @@ def select_checkpoint(run_dir: Path, records: list[dict[str, Any]], rule: str) -
            for u in unseen}
     index = best_heldout_index(train, series, low)
     kept = [n for c, n in enumerate(names) if c == 0 or all(series[u][c] >= low[u] for u in unseen)]
+    rule_name = "(`--select best-heldout`, rewardtune.indicators.best_heldout_index)"
+    within = f"kept the unseen rewards ({', '.join(unseen)}) at or above the base model's 95% CI lower bound"
+    if index == 0 and len(kept) == 1:
+        return names[0], (f"no checkpoint {within}, so the base model is shipped (base held-out {train_name} "
+                          f"{train[0]:.4g}, {len(names) - 1} checkpoint(s) evaluated) {rule_name}")
+    if index == 0:
+        best = max(range(1, len(names)), key=lambda c: train[c]) if len(names) > 1 else 0
+        return names[0], (f"the base model scored highest on the training reward (held-out {train_name} "
+                          f"{train[0]:.4g}; best checkpoint {names[best]}: {train[best]:.4g}) among the "
+                          f"{len(kept)} of {len(names)} evaluated that {within} {rule_name}")
     reason = (f"highest held-out {train_name} ({train[index]:.4g}) among the {len(kept)} of {len(names)} evaluated "
               f"checkpoints whose unseen rewards ({', '.join(unseen)}) stay at or above the base model's 95% CI "
-              "lower bound (`--select best-heldout`, rewardtune.indicators.best_heldout_index)")
+              f"lower bound {rule_name}")
     return names[index], reason
 
 
@@ -120,7 +134,7 @@ def model_card(cfg: Any, chosen: str, reason: str, records: list[dict[str, Any]]
         + (f", LoRA rank {cfg.model.lora_rank}" if cfg.model.finetune == "lora" else "") + ")",
         f"- **Training reward:** {cfg.reward.name}; **constraints:** {constraints}",
         f"- **Checkpoint:** {chosen}: {reason}.",
-        "- **Weights:** " + ("the base model unchanged: no checkpoint qualified" if chosen == "base"
+        "- **Weights:** " + ("the base model unchanged (the reason is above)" if chosen == "base"
                              else "fine-tuned UNet" if cfg.model.finetune == "full"
                              else "LoRA fused into the UNet" if merged
                              else f"base UNet + LoRA adapter in `{LORA_DIR}/` (`pipe.load_lora_weights(dir + '/{LORA_DIR}')`)"),
@@ -181,6 +195,19 @@ def _load_policy(cfg: Any, checkpoint: Path | None):
     return pipe
 
 
+def _save_adapter(cfg: Any, pipe: Any, directory: Path) -> None:
+    """The loaded LoRA in the diffusers format with its adapter metadata (what `load_lora_weights` reads)."""
+    directory.mkdir(parents=True)
+    if cfg.model.family == "sd":
+        from rewardtune.models import save_policy
+
+        save_policy(pipe.unet, cfg.model, directory)
+    else:
+        from rewardtune.families.flow import FlowFamily
+
+        FlowFamily(pipe).save_lora(directory)
+
+
 def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) -> None:
     """Save the exported pipeline into `out` (a fresh directory); checkpoint None: the base model unchanged."""
     import torch
@@ -191,13 +218,34 @@ def write_pipeline(cfg: Any, checkpoint: Path | None, out: Path, merge: bool) ->
         if merge:
             denoiser.fuse_lora(lora_scale=1.0)  # W += scale * B A with peft's alpha / r, as in training
             denoiser.unload_lora()
-        else:
-            denoiser.unload_lora()  # the adapter goes to lora/ unchanged; the denoiser stays the base one
-            (out / LORA_DIR).mkdir(parents=True)
-            shutil.copy2(checkpoint / "pytorch_lora_weights.safetensors", out / LORA_DIR)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.model.dtype, torch.float32)
-    pipe.to(dtype=dtype)
+        else:  # lora/ is written from the loaded adapter, so it carries its scale even from an old checkpoint
+            _save_adapter(cfg, pipe, out / LORA_DIR)
+            denoiser.unload_lora()  # the denoiser stays the base one
+    cast_components(pipe, {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.model.dtype, torch.float32))
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+def cast_components(pipe: Any, dtype: Any) -> None:
+    """Every torch component of `pipe` in `dtype`, without diffusers' spurious warnings.
+
+    `ModelMixin.to(dtype=...)` warns "modules ... that should be kept in float32: []" on every dtype cast, even
+    when the model keeps none in float32 (its list defaults to [] and is then tested against None), and
+    `pipe.to(dtype)` casts the UNet/transformer and the VAE this way: two warnings per export. A component
+    already in `dtype` is left alone; one with modules to keep in float32 goes through diffusers' own `to`
+    (its warning is then real); the others are cast as the plain torch modules they are.
+    """
+    import torch
+    from diffusers.models.modeling_utils import ModelMixin
+
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if all(p.dtype == dtype for p in component.parameters() if p.is_floating_point()):
+            continue
+        if isinstance(component, ModelMixin) and not component._keep_in_fp32_modules:
+            torch.nn.Module.to(component, dtype=dtype)
+        else:
+            component.to(dtype=dtype)
 
 
 def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, merge: bool = False,
@@ -210,34 +258,66 @@ def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, m
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise RewardtuneError(f"--run {run_dir} has no config.yaml; give the directory of a `rewardtune train` run")
-    if out.exists():
-        raise RewardtuneError(f"--out {out} already exists; remove it or choose another path")
+    previous = _previous_export(out)
     cfg = load_config(config_path)
     if eval_dir is not None and not Path(eval_dir).is_dir():
         raise RewardtuneError(f"--eval {eval_dir} is not a directory")
     records = read_evaluations(Path(eval_dir)) if eval_dir is not None else []
+    if records:
+        check_evaluation_of(run_dir, records, "--eval", Path(eval_dir))
     chosen, reason = select_checkpoint(run_dir, records, select)
     checkpoint = None if chosen == "base" else run_dir / "checkpoints" / chosen
     if checkpoint is None:  # the rule says no fine-tuned checkpoint is better: ship the base model, and say so
-        log.warning("--select %s chose the base model: no checkpoint qualified; exporting the base pipeline", select)
+        log.warning("--select %s chose the base model: %s; exporting the base pipeline", select, reason)
+    merged = checkpoint is not None and (merge or cfg.model.finetune == "full")
+    summary = {"checkpoint": chosen, "select": select, "reason": reason, "merged": merged,
+               "base_model": cfg.model.source, "algorithm": cfg.algorithm.name, "reward": cfg.reward.name,
+               "run_id": read_run_id(run_dir),
+               "checkpoint_digest": checkpoint_digest(verify_checkpoint(checkpoint)) if checkpoint else None}
+    if previous is not None and all(previous.get(k) == v for k, v in summary.items()):
+        log.info("--out %s already holds this export (%s); kept", out, chosen)  # a retried step: the same result
+        summary = previous
+    elif out.exists():
+        what = "another export (other run, checkpoint, selection or merge)" if previous is not None else "files"
+        raise RewardtuneError(f"--out {out} already exists and holds {what}; remove it or choose another path")
     else:
-        verify_checkpoint(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write_pipeline(cfg, checkpoint, tmp, merge)
-        merged = checkpoint is not None and (merge or cfg.model.finetune == "full")
-        (tmp / "README.md").write_text(model_card(cfg, chosen, reason, records, merged, base_license(cfg.model.source)))
-        summary = {"checkpoint": chosen, "select": select, "reason": reason, "merged": merged,
-                   "base_model": cfg.model.source, "algorithm": cfg.algorithm.name, "reward": cfg.reward.name}
-        write_json_atomic(tmp / EXPORT_FILE, summary)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if push_to_hub:
+        _write_export(cfg, checkpoint, out, merge, summary, model_card(
+            cfg, chosen, reason, records, merged, base_license(cfg.model.source)))
+    if push_to_hub and not summary.get("pushed"):
         summary["pushed"] = push(out, push_to_hub, private=private, message=f"rewardtune export: {chosen} ({select})")
         write_json_atomic(out / EXPORT_FILE, summary)
     return summary
+
+
+def _previous_export(out: Path) -> dict[str, Any] | None:
+    """The summary of a complete export already at `out` (a retried step), or None."""
+    try:
+        data = json.loads((out / EXPORT_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_export(cfg: Any, checkpoint: Path | None, out: Path, merge: bool, summary: dict[str, Any], card: str) -> None:
+    """Pipeline, card and summary into a temporary directory beside `out`, fsynced, then renamed into place.
+
+    Temporary directories of killed attempts (`.<name>.tmp-*`) are removed first: an attempt never reads or
+    keeps another's files.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_pipeline(cfg, checkpoint, tmp, merge)
+        (tmp / "README.md").write_text(card)
+        write_json_atomic(tmp / EXPORT_FILE, summary)
+        fault_point("export_write")
+        apply_umask(tmp)
+        fsync_tree(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def push(folder: Path, repo_id: str, private: bool = True, message: str = "rewardtune export") -> str:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from rewardtune.config import ModelConfig, PerformanceConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
+from rewardtune.lora_metadata import adapter_metadata, check_adapter_metadata
 from rewardtune.tokenizer_fit import tokenizer_misfit
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -161,10 +162,12 @@ def apply_performance(pipe: StableDiffusionPipeline, perf: PerformanceConfig) ->
 
 
 def save_policy(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
-    """LoRA in the diffusers format (`pipe.load_lora_weights(dir)` reads it); a full UNet via save_pretrained."""
+    """LoRA in the diffusers format with its adapter metadata (`pipe.load_lora_weights(dir)` applies the trained
+    alpha / r); a full UNet via save_pretrained."""
     if cfg.finetune == "lora":
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=adapter_metadata(unet))
     else:
         unet.save_pretrained(directory / "unet", safe_serialization=True)
 
@@ -200,6 +203,7 @@ def _load_policy_weights(unet: torch.nn.Module, cfg: ModelConfig, directory: Pat
         state = load_file(directory / LORA_FILE)
         state = {k.removeprefix("unet."): v for k, v in state.items()}
         set_lora_state(unet, convert_unet_state_dict_to_peft(state), directory)
+        check_adapter_metadata(unet, directory / LORA_FILE, "unet")
     else:
         from diffusers import UNet2DConditionModel
 

@@ -52,6 +52,23 @@ def _refuse_line_breaks(prompt: str, where: str) -> None:
                               "(replace the break with a space)")
 
 
+class _Lax(ValueError):
+    """What Python's json module accepts but JSON does not promise: a key given twice (the last silently wins),
+    NaN/Infinity."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise _Lax(f"the key {repeated[0]!r} appears twice")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> float:
+    raise _Lax(f"{name} is not JSON")
+
+
 def read_prompt_file(path: Path) -> list[str]:
     """Read prompts from .txt (one per line), .jsonl ({"prompt": ...} per line) or .csv (a 'prompt' column)."""
     raw = path.read_bytes()
@@ -64,12 +81,15 @@ def read_prompt_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # JSON strings may hold a raw \u2028: not a record end
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
                 value = item["prompt"]
+            except _Lax as err:
+                raise RewardtuneError(f"prompt file {path} line {number}: {err}; JSON Lines must be strict JSON "
+                                      "(one value per key, no NaN/Infinity)") from None
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise RewardtuneError(f'prompt file {path} line {number}: expected a JSON object with a "prompt" key') from None
             if not isinstance(value, str):
@@ -86,8 +106,10 @@ def read_prompt_file(path: Path) -> list[str]:
         prompts = [row["prompt"] or "" for row in rows]
         for number, prompt in enumerate(prompts, 2):
             _refuse_line_breaks(prompt, f"prompt file {path} row {number}")
-    else:
-        prompts = text.splitlines()
+    else:  # one prompt per "\n" line (CRLF too); str.splitlines would also split on \f, \x85, \u2028, ... silently
+        prompts = [line.removesuffix("\r") for line in text.split("\n")]
+        for number, prompt in enumerate(prompts, 1):
+            _refuse_line_breaks(prompt, f"prompt file {path} line {number}")
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise RewardtuneError(f"prompt file {path} holds no prompts; put one prompt per line")

@@ -20,6 +20,7 @@ from rewardtune.checkpoint import write_text_atomic
 from rewardtune.evaluate import BASE, read_evaluations
 from rewardtune.indicators import DEFINITIONS, summarize
 from rewardtune.metrics import MetricsLog
+from rewardtune.provenance import check_evaluation_of
 
 SPLIT = "heldout"  # the indicators and headline numbers are computed on the held-out prompts
 TRAIN_CURVES = ["reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "critic_loss",
@@ -53,7 +54,12 @@ def load_run(run_dir: Path, eval_dir: Path, label: str) -> RunData:
     evals = read_evaluations(eval_dir)
     if not evals:
         raise ValueError(f"{eval_dir} holds no evaluated checkpoint (*/metrics.json); run `rewardtune evaluate` first")
-    return RunData(label, run_dir, eval_dir, config.read_text() if config.is_file() else "(no config.yaml in run dir)",
+    check_evaluation_of(run_dir, evals, "--eval", eval_dir)
+    try:  # shown as text in the report: a damaged file shows as what it is, not a crash
+        config_text = config.read_bytes().decode("utf-8", errors="replace") if config.is_file() else None
+    except OSError:
+        config_text = None
+    return RunData(label, run_dir, eval_dir, config_text or "(no readable config.yaml in run dir)",
                    MetricsLog(run_dir / "metrics.jsonl").read(), evals)
 
 
@@ -269,10 +275,11 @@ def _prompts(run: RunData) -> dict[int, str]:
     import json
 
     samples = run.eval_dir / BASE / "samples.jsonl"
-    if not samples.is_file():
+    try:
+        records = [json.loads(line) for line in samples.read_text().split("\n") if line.strip()]
+        return {r["index"]: str(r["prompt"]) for r in records if r["split"] == SPLIT}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # labels only: a damaged file shows indices
         return {}
-    records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    return {r["index"]: r["prompt"] for r in records if r["split"] == SPLIT}
 
 
 def timing_table(runs: list[RunData]) -> str:

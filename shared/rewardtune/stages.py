@@ -158,12 +158,26 @@ def train_stage(
     A clean stop on SIGTERM raises `Terminated` whatever the process count: the launcher itself exits 1
     then, so the stage reads the record the stopped run leaves (`terminated.json`).
     """
-    from rewardtune.trainer import TERMINATED_FILE
+    from rewardtune.training.lifecycle import StartRecord
 
     train_file = Path(prompts_dir) / TRAIN_FILE
     if not train_file.is_file():
         raise RewardtuneError(f"{train_file} is missing; run prepare-prompts first and pass its --out as the prompts dir")
     run_dir = Path(run_dir)
+    start = StartRecord(run_dir)  # a start that fails before its first checkpoint takes its config.yaml back too
+    try:
+        return _train_stage(config, train_file, run_dir, num_gpus, overrides, resume)
+    except Terminated:
+        raise
+    except BaseException:
+        start.undo()
+        raise
+
+
+def _train_stage(config: str, train_file: Path, run_dir: Path, num_gpus: int, overrides: list[str] | None,
+                 resume: bool) -> Path:
+    from rewardtune.trainer import TERMINATED_FILE
+
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolve_config(config, overrides)
     # assigned as data (validated on assignment): a path holding '#' or ': ' must not go through YAML again

@@ -17,14 +17,20 @@ from accelerate.utils import set_seed
 from rewardtune.advantages import PerPromptStatTracker
 from rewardtune.checkpoint import checkpoint_name
 from rewardtune.config import RunConfig
-from rewardtune.errors import Terminated
+from rewardtune.errors import RewardtuneError, Terminated
 from rewardtune.faults import fault_point
 from rewardtune.kl import KLController
 from rewardtune.temporal import explained_variance, explained_variance_by_thirds
 from rewardtune.training.checkpoints import Checkpoints, load_optimizer_state
 from rewardtune.training.duals import DualAscent
 from rewardtune.training.estimators import AdvantageEstimator
-from rewardtune.training.lifecycle import TERMINATED_FILE, Termination, guarded
+from rewardtune.training.lifecycle import (
+    TERMINATED_FILE,
+    StartRecord,
+    Termination,
+    guarded,
+    is_main_process_env,
+)
 from rewardtune.training.logprob import PolicyDensity, flat_view
 from rewardtune.training.optimize import PPOUpdate
 from rewardtune.training.resets import NeuronResets, record_digests
@@ -47,7 +53,16 @@ class Trainer:
     """One run: `build_run`'s parts and the stages that share them; `run()` is the whole job."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path) -> None:
-        self.built: Run = build_run(cfg, out_dir)
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise RewardtuneError(f"--out {out_dir} is a file, not a directory; give the path of a run directory "
+                                  "(created if missing)")
+        self.start_record = StartRecord(Path(out_dir))
+        try:
+            self.built: Run = build_run(cfg, out_dir)
+        except BaseException:
+            if is_main_process_env():
+                self.start_record.undo()
+            raise
         run = self.built
         self.progress = Progress()
         tracking = cfg.training.stat_tracking
@@ -67,7 +82,7 @@ class Trainer:
 
     def run(self, resume: bool = False) -> Path:
         """The whole job; on SIGTERM it checkpoints at the next safe point and raises `Terminated`."""
-        with guarded(self.built, self.termination, self.progress):
+        with guarded(self.built, self.termination, self.progress, self.start_record):
             return self._run(resume)
 
     def _run(self, resume: bool) -> Path:

@@ -21,6 +21,7 @@ from rewardtune.diffusion import require_resolution_multiple
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora, load_lora_state
 from rewardtune.flow_sde import SdeType, euler_step, flow_posterior, flow_step_with_logprob, sde_steps
+from rewardtune.lora_metadata import adapter_metadata
 
 
 class FlowFamily:
@@ -205,9 +206,10 @@ class FlowFamily:
         return add_lora(self.pipe.transformer, rank, alpha, list(targets or self.default_lora_targets))
 
     def save_lora(self, directory: Path) -> None:
-        """The diffusers format: `pipe.load_lora_weights(directory)` reads it."""
-        layers = get_peft_model_state_dict(self.pipe.transformer)
-        type(self.pipe).save_lora_weights(Path(directory), transformer_lora_layers=layers, safe_serialization=True)
+        """The diffusers format with adapter metadata: `pipe.load_lora_weights(directory)` applies the trained scale."""
+        model = self.pipe.transformer
+        type(self.pipe).save_lora_weights(Path(directory), transformer_lora_layers=get_peft_model_state_dict(model),
+                                          safe_serialization=True, transformer_lora_adapter_metadata=adapter_metadata(model))
 
     def load_lora(self, directory: Path) -> None:
         load_lora_state(self.pipe.transformer, Path(directory), "transformer")

@@ -10,6 +10,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from rewardtune.errors import RewardtuneError
+from rewardtune.lora_metadata import check_adapter_metadata
 from rewardtune.models import LORA_FILE, set_lora_state
 
 
@@ -27,6 +28,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: li
 
 
 def load_lora_state(model: torch.nn.Module, directory: Path, prefix: str) -> None:
-    """Load `pytorch_lora_weights.safetensors` (keys `<prefix>.<module>.lora_A.weight`) into the adapters."""
+    """Load `pytorch_lora_weights.safetensors` (keys `<prefix>.<module>.lora_A.weight`) into the adapters;
+    its stored scale must match theirs (`lora_metadata`)."""
     state = {k.removeprefix(f"{prefix}."): v for k, v in load_file(Path(directory) / LORA_FILE).items()}
     set_lora_state(model, state, directory)
+    check_adapter_metadata(model, Path(directory) / LORA_FILE, prefix)

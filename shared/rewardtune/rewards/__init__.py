@@ -221,6 +221,24 @@ def check_finite(name: str, scores: torch.Tensor, prompts: Sequence[str]) -> tor
     return scores
 
 
+def _first_text(scores: Any) -> str | bytes | None:
+    """The first str/bytes in a reward's list/tuple/array output (torch says only "too many dimensions 'str'")."""
+    import numpy as np
+
+    if isinstance(scores, str | bytes):
+        return scores
+    if isinstance(scores, np.ndarray):
+        if scores.dtype.kind in "USO":
+            return next((v for v in scores.ravel().tolist() if isinstance(v, str | bytes)), None)
+        return None
+    if isinstance(scores, list | tuple):
+        for value in scores:
+            found = _first_text(value)
+            if found is not None:
+                return found
+    return None
+
+
 def check_scores(name: str, scores: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """A reward's output as float32 [B] on the images' device; wrong type, shape, device or NaN is one line."""
     batch = images.shape[0]
@@ -229,6 +247,10 @@ def check_scores(name: str, scores: Any, images: torch.Tensor, prompts: Sequence
             raise RewardError(f"reward '{name}' returned scores on {scores.device} for images on {images.device}; "
                               "return them on the images' device (scores.to(images.device))")
     else:
+        text = _first_text(scores)
+        if text is not None:
+            raise RewardError(f"reward '{name}' returned text ({text!r}) where a score belongs; return one number per "
+                              f"image (float(score)), {batch} in all")
         try:
             scores = torch.as_tensor(scores, dtype=torch.float32, device=images.device)
         except (TypeError, ValueError, RuntimeError) as err:

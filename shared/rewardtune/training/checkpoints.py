@@ -23,6 +23,7 @@ from rewardtune.checkpoint import (
 from rewardtune.errors import CheckpointError, RewardtuneError
 from rewardtune.kl import KLController
 from rewardtune.models import load_policy_weights, save_policy
+from rewardtune.provenance import ensure_run_id
 from rewardtune.resume_policy import (
     apply_optimizer_settings,
     check_epochs,
@@ -190,4 +191,5 @@ class Checkpoints:
             run.out_dir.mkdir(parents=True, exist_ok=True)
             run.metrics.truncate_to(self.progress.epochs_done)
             write_text_atomic(run.out_dir / "config.yaml", run.cfg.to_yaml())
+            ensure_run_id(run.out_dir, run.cfg.model.source)
         run.tracker.start(self.progress.epochs_done)

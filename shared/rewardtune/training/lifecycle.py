@@ -1,10 +1,13 @@
 """The run's lifecycle around its epochs: SIGTERM's safe points and the votes that make every process stop
-together (`Termination`), the run directory's lock and the clean-stop marker around the whole job (`guarded`).
+together (`Termination`), the run directory's lock and the clean-stop marker around the whole job (`guarded`),
+and what a start that fails before its first checkpoint leaves behind (`StartRecord`: nothing).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import threading
 import time
@@ -17,7 +20,7 @@ from accelerate import Accelerator
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
-from rewardtune.checkpoint import latest_checkpoint, write_json_atomic
+from rewardtune.checkpoint import latest_checkpoint, list_checkpoints, write_json_atomic
 from rewardtune.errors import RewardtuneError, Terminated
 from rewardtune.training.setup import Progress, Run
 
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 # Written by a run that stopped cleanly on SIGTERM: a launcher reports only "a worker exited non-zero"
 # (torchrun and accelerate launch exit 1 even when every rank exited 143), so the stage reads this instead.
 TERMINATED_FILE = "terminated.json"
+LOCK_FILE = ".rewardtune.lock"
 
 
 class Termination:
@@ -97,7 +101,7 @@ def lock_out_dir(out_dir: Path, wait: float) -> FileLock:
     checkpoint; the new one waits up to `checkpointing.lock_wait_s` for it instead of writing alongside.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ".rewardtune.lock"
+    path = out_dir / LOCK_FILE
     lock = FileLock(path, mode=0o644)
     try:
         lock.acquire(timeout=0)
@@ -116,14 +120,68 @@ def lock_out_dir(out_dir: Path, wait: float) -> FileLock:
     return lock
 
 
+class StartRecord:
+    """What the output directory held before a run started, so that a start failing before its first
+    checkpoint can take back exactly what it wrote (config.yaml, an empty metrics.jsonl, the lock, tracker
+    files): a stub would otherwise pass for a run with `--resume`, `evaluate` and `export`.
+
+    Only entries that did not exist before are removed (an `--out` that already held other files keeps
+    them), and nothing at all once a checkpoint exists: from then on the directory is a run.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.existed = self.out_dir.is_dir()
+        try:
+            self.before = {p.name for p in self.out_dir.iterdir()} if self.existed else set()
+        except OSError:  # unreadable: the run fails on its own; take nothing back
+            self.existed, self.before = True, None
+
+    def undo(self, lock: FileLock | None = None) -> None:
+        """Remove what this start created, unless it got as far as a checkpoint; the lock file goes last."""
+        if self.before is None or not self.out_dir.is_dir() or list_checkpoints(self.out_dir / "checkpoints"):
+            if lock is not None:
+                lock.release()
+            return
+        if lock is None:  # another trainer holding the directory (a retried pod's predecessor) keeps its files
+            lock = FileLock(self.out_dir / LOCK_FILE, mode=0o644)
+            try:
+                lock.acquire(timeout=0)
+            except FileLockTimeout:
+                return
+        created = [p for p in self.out_dir.iterdir() if p.name not in self.before and p.name != LOCK_FILE]
+        for path in created:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if LOCK_FILE not in self.before:
+            (self.out_dir / LOCK_FILE).unlink(missing_ok=True)
+        if lock is not None:
+            lock.release()
+        if not self.existed:
+            try:
+                self.out_dir.rmdir()  # only if empty: a file another process wrote meanwhile stays
+            except OSError:
+                pass
+        if created:
+            log.debug("removed what the failed start wrote to %s (%s): it holds no checkpoint", self.out_dir,
+                     ", ".join(sorted(p.name for p in created)))
+
+
+def is_main_process_env() -> bool:
+    """Rank 0 by the launcher's environment (torchrun, accelerate): before the Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
-def guarded(run: Run, termination: Termination, progress: Progress) -> Iterator[None]:
-    """The whole job's guard: the run-directory lock, the SIGTERM handler, and on a clean stop (`Terminated`)
-    the marker file a launcher's caller reads."""
+def guarded(run: Run, termination: Termination, progress: Progress, start: StartRecord | None = None) -> Iterator[None]:
+    """The whole job's guard: the run-directory lock, the SIGTERM handler, on a clean stop (`Terminated`)
+    the marker file a launcher's caller reads, and on a failure before the first checkpoint `start.undo()`."""
     handler_installed = threading.current_thread() is threading.main_thread()
     lock = lock_out_dir(run.out_dir, run.cfg.checkpointing.lock_wait_s) if run.is_main else None
     previous = signal.signal(signal.SIGTERM, termination.on_sigterm) if handler_installed else None
-    stopped = False
+    stopped = failed = False
     try:
         yield
     except Terminated as err:
@@ -131,11 +189,16 @@ def guarded(run: Run, termination: Termination, progress: Progress) -> Iterator[
         if run.is_main:
             write_json_atomic(run.out_dir / TERMINATED_FILE, {"message": str(err), "epochs_done": progress.epochs_done})
         raise
+    except BaseException:
+        failed = True
+        raise
     finally:
         # Under a launcher, the first rank to exit makes it SIGTERM the others, which may still be on their
         # way out of a clean stop: they keep this (recording, not killing) handler until they exit.
         if handler_installed and not (stopped and run.accelerator.num_processes > 1):
             signal.signal(signal.SIGTERM, previous)
         run.tracker.finish()
-        if lock is not None:
+        if failed and start is not None and run.is_main:
+            start.undo(lock)  # while holding the lock: a retried pod waiting for it must not lose its files
+        elif lock is not None:
             lock.release()
