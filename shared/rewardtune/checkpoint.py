@@ -48,11 +48,19 @@ def fsync_tree(root: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Temp file, fsync, rename: a reader sees the old content or the new, never a torn file."""
+    _write_atomic(path, text, "w")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, "wb")
+
+
+def _write_atomic(path: Path, payload: str | bytes, mode: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with tmp.open("w") as handle:
-            handle.write(text)
+        with tmp.open(mode) as handle:
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -79,3 +79,28 @@ def check_adapter_metadata(model: torch.nn.Module, file: Path, prefix: str) -> N
             f"{bool(found.get('use_rslora'))} (scale {stored:g}); this config has r={have['r']}, lora_alpha="
             f"{have['lora_alpha']} (scale {adapter_scale(have):g}); set model.lora_rank/lora_alpha as trained"
         )
+
+
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place and atomically.
+
+    Why: safetensors 0.8 serializes the metadata map in a random order per save (a Rust HashMap), so a file
+    with two metadata keys, as every LoRA file with adapter metadata has (`format`, `lora_adapter_metadata`),
+    came out as one of two byte strings for the same tensors: two identical runs or exports had different
+    sha256 digests. Only the key order changes: the header keeps its length (space padding, as safetensors
+    pads it) and every tensor offset, and a header that would not round-trip is left as it was.
+    """
+    from rewardtune.checkpoint import write_bytes_atomic
+
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    raw = data[8 : 8 + size]
+    header = json.loads(raw, object_pairs_hook=dict)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or len(meta) < 2 or list(meta) == sorted(meta):
+        return
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size or json.loads(text) != json.loads(raw):
+        return
+    write_bytes_atomic(path, data[:8] + text + b" " * (size - len(text)) + data[8 + size :])

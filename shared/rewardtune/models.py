@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from rewardtune.config import ModelConfig, PerformanceConfig
 from rewardtune.errors import CheckpointError, RewardtuneError
-from rewardtune.lora_metadata import adapter_metadata, check_adapter_metadata
+from rewardtune.lora_metadata import adapter_metadata, canonicalize_safetensors, check_adapter_metadata
 from rewardtune.tokenizer_fit import tokenizer_misfit
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -168,6 +168,7 @@ def save_policy(unet: torch.nn.Module, cfg: ModelConfig, directory: Path) -> Non
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
                                                   unet_lora_adapter_metadata=adapter_metadata(unet))
+        canonicalize_safetensors(Path(directory) / LORA_FILE)
     else:
         unet.save_pretrained(directory / "unet", safe_serialization=True)
 

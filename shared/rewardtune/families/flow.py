@@ -21,7 +21,7 @@ from rewardtune.diffusion import require_resolution_multiple
 from rewardtune.families.base import Conditioning, Step
 from rewardtune.families.lora import add_lora, load_lora_state
 from rewardtune.flow_sde import SdeType, euler_step, flow_posterior, flow_step_with_logprob, sde_steps
-from rewardtune.lora_metadata import adapter_metadata
+from rewardtune.lora_metadata import adapter_metadata, canonicalize_safetensors
 
 
 class FlowFamily:
@@ -210,6 +210,7 @@ class FlowFamily:
         model = self.pipe.transformer
         type(self.pipe).save_lora_weights(Path(directory), transformer_lora_layers=get_peft_model_state_dict(model),
                                           safe_serialization=True, transformer_lora_adapter_metadata=adapter_metadata(model))
+        canonicalize_safetensors(Path(directory) / "pytorch_lora_weights.safetensors")
 
     def load_lora(self, directory: Path) -> None:
         load_lora_state(self.pipe.transformer, Path(directory), "transformer")
