@@ -137,7 +137,7 @@ def test_every_stage_chains_through_one_mount(chained):
     work = chained
     assert (work / "tiny-sd" / "model_index.json").is_file()
     assert (work / "prompts" / "train.txt").read_text().strip() and (work / "prompts" / "heldout.txt").is_file()
-    assert list((work / "model-cache").glob("*/manifest.json")) or list((work / "model-cache").rglob("manifest.json"))
+    assert list((work / "model-cache").glob("*/rewardtune-manifest.json")), "cache-models wrote no complete entry"
     records = metrics(work / "run")
     assert [r["epoch"] for r in records] == [0, 1, 2, 3], "train (2 epochs) then train --resume (to 4)"
     assert set(checkpoint_digests(work / "run")) == {f"epoch-{i:06d}" for i in (1, 2, 3, 4)}
@@ -202,7 +202,7 @@ def test_cache_models_to_s3_then_train_from_it(chained, s3, tmp_path):
     proc = run(stage(work, TRAINER, "cache-models", "--config", "/work/config.yaml", "--cache", uri, extra=aws))
     assert proc.returncode == 0, proc.stderr[-4000:]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    assert any(k.endswith("manifest.json") for k in keys) and any(k.endswith(".safetensors") for k in keys), keys
+    assert any(k.endswith("rewardtune-manifest.json") for k in keys) and any(k.endswith(".safetensors") for k in keys), keys
     proc = run(stage(work, TRAINER, "train", "--config", "/work/config.yaml", "--out", "/work/run", "--set",
                      "training.epochs=1", extra=(*aws, "-e", f"RT_MODEL_CACHE={uri}")))
     assert proc.returncode == 0, proc.stderr[-4000:]
