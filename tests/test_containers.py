@@ -141,7 +141,7 @@ def test_every_stage_chains_through_one_mount(chained):
     records = metrics(work / "run")
     assert [r["epoch"] for r in records] == [0, 1, 2, 3], "train (2 epochs) then train --resume (to 4)"
     assert set(checkpoint_digests(work / "run")) == {f"epoch-{i:06d}" for i in (1, 2, 3, 4)}
-    assert sorted(p.name for p in (work / "eval").iterdir() if p.is_dir()) >= ["base", "epoch-000004"]
+    assert {p.name for p in (work / "eval").iterdir() if p.is_dir()} == {"base", *checkpoint_digests(work / "run")}
     assert "<html" in (work / "report" / "report.html").read_text()[:2000].lower()
     assert json.loads((work / "report" / "headline.json").read_text())
     assert (work / "model" / "model_index.json").is_file() and (work / "model" / "rewardtune_export.json").is_file()
@@ -157,7 +157,7 @@ def test_an_unwritable_mount_is_one_error_line_naming_the_fix(tmp_path):
         pytest.skip("the host user is the image's uid: every mount it owns is writable in the container")
     (locked / "config.yaml").write_text((REPO / "configs" / "containers.yaml").read_text())
     for image, args in ((CPU, ["prepare-prompts", "--config", "/work/config.yaml", "--out", "/work/prompts"]),
-                        (TRAINER, ["train", "--config", "/work/config.yaml", "--out", "/work/run"])):
+                        (TRAINER, ["init-tiny", "--out", "/work/tiny-sd"])):
         proc = run(stage(locked, image, *args), timeout=600)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, proc.stderr
@@ -252,4 +252,5 @@ def test_train_killed_mid_epoch_then_the_same_command_resumes_bit_identically(ch
     match = re.search(r"resumed from (\S+) at epoch (\d+)", resumed.stderr)
     assert match and Path(match.group(1)).name == max(kept), resumed.stderr[-3000:]
     assert metrics(work / "killed") == ref_records
+    print(f"podman kill after {done} of {epochs} epochs, then: {match.group(0)}")
     assert checkpoint_digests(work / "killed") == checkpoint_digests(work / "reference")
