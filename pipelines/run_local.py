@@ -22,7 +22,9 @@ calibrated overrides (and CDPO's fidelity constraint) from a benchmark protocol'
 import argparse
 import builtins
 import contextlib
+import functools
 import os
+import re
 import shutil
 import stat
 import sys
@@ -40,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kfp import local  # noqa: E402
 
+from components.images import CPU_IMAGE, TRAINER_IMAGE  # noqa: E402
 from pipelines.alignment import alignment_pipeline  # noqa: E402
 from rewardtune.arms import plan_arms  # noqa: E402
 from rewardtune.errors import ConfigError  # noqa: E402
@@ -111,23 +114,42 @@ def print_restored() -> Iterator[None]:
 CONTAINER_ENV = ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
-def run_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
+IMAGE_PARAMETER = re.compile(r"^\{\{\$\.inputs\.parameters\['(?:pipelinechannel--)?(\w+)'\]\}\}(?::latest)?$")
+
+
+def resolve_image(image: str, images: dict[str, str]) -> str:
+    """A task's image: a literal, or the whole-reference placeholder of an image parameter (`trainer_image`,
+    `cpu_image`), which a KFP backend's driver replaces by the parameter's value and kfp.local 2.17 does not."""
+    match = IMAGE_PARAMETER.match(image)
+    if match is None:
+        return image
+    if match.group(1) not in images:
+        raise RuntimeError(f"task image {image}: no value for the pipeline parameter {match.group(1)!r}")
+    return images[match.group(1)]
+
+
+def run_container(client, image: str, command: list[str], volumes: dict, images: dict[str, str] | None = None,
+                  **run_args) -> int:
     """kfp.local's `run_docker_container` without auto-remove: start, stream the logs, wait, then remove.
 
     kfp.local 2.17 starts task containers with `auto_remove=True`; podman's Docker API then answers a wait on a
     container that already removed itself with 500 ("no such container"), not Docker's 404 that kfp catches,
     so a fast task fails though it succeeded. Waiting before removing gives every task its real exit code on
-    Docker and podman alike. The images run as their own non-root user, as on a backend.
+    Docker and podman alike. The images run as their own non-root user, as on a backend, and the task's command
+    replaces the image's entrypoint, as a pod's `command` does.
     """
     import docker
 
+    image = resolve_image(image, images or {})
     if ":" not in image.rsplit("/", 1)[-1]:
         image = f"{image}:latest"
     if not any(image in img.tags for img in client.images.list()):
         raise RuntimeError(f"image {image} is not in the container runtime: build it with `make images`")
     env = {**{k: os.environ[k] for k in CONTAINER_ENV if k in os.environ}, **run_args.pop("environment", {})}
-    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
-                                      volumes=volumes, auto_remove=False, environment=env, **run_args)
+    # A pod's `command` replaces the image's ENTRYPOINT (`rewardtune`); Docker's `command` would only be its arguments.
+    container = client.containers.run(image=image, entrypoint=command[:1], command=command[1:], detach=True,
+                                      stdout=True, stderr=True, volumes=volumes, auto_remove=False, environment=env,
+                                      **run_args)
     try:
         for line in container.logs(stream=True, follow=True):
             print(line.decode(errors="replace"), end="")
@@ -138,13 +160,13 @@ def run_container(client, image: str, command: list[str], volumes: dict, **run_a
 
 
 @contextlib.contextmanager
-def waited_containers() -> Iterator[None]:
-    """kfp.local's DockerRunner with `run_container` in place of its auto-removing runner, for this block only
-    (kfp's files stay as installed)."""
+def waited_containers(images: dict[str, str]) -> Iterator[None]:
+    """kfp.local's DockerRunner with `run_container` (image parameters resolved from `images`) in place of its
+    auto-removing runner, for this block only (kfp's files stay as installed)."""
     from kfp.local import docker_task_handler
 
     original = docker_task_handler.run_docker_container
-    docker_task_handler.run_docker_container = run_container
+    docker_task_handler.run_docker_container = functools.partial(run_container, images=images)
     try:
         yield
     finally:
@@ -181,7 +203,8 @@ def run_local(root: Path, model_dir: Path | None = None, epochs: int = 0, config
         local.init(runner=local.DockerRunner(), pipeline_root=str(root), raise_on_error=True)
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    with print_restored(), waited_containers() if runner == "docker" else contextlib.nullcontext():
+    images = {"trainer_image": TRAINER_IMAGE, "cpu_image": CPU_IMAGE}  # the DAG's defaults: what `make images` builds
+    with print_restored(), waited_containers(images) if runner == "docker" else contextlib.nullcontext():
         alignment_pipeline(config=local_config_text(config, model_dir, sets), epochs=epochs,
                            model_cache_uri=str(root / "model-cache"), checkpoint_dir=str(root / "checkpoints"),
                            algorithms=list(algorithms or []), arm_overrides=dict(arm_overrides or {}))
