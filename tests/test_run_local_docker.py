@@ -78,3 +78,27 @@ def test_the_patch_is_undone_on_the_way_out():
     with run_local.waited_containers(IMAGES):
         assert docker_task_handler.run_docker_container is not original
     assert docker_task_handler.run_docker_container is original
+
+
+def test_demo_containers_runs_the_demo_dag_with_the_same_arguments():
+    """`make demo-containers` is `make demo` in containers: the same run_local.py arguments but the runner and root."""
+    import shlex
+
+    from tests.conftest import REPO
+
+    lines = [line for line in (REPO / "Makefile").read_text().splitlines() if "pipelines/run_local.py" in line]
+    demo, containers = (shlex.split(line.split("pipelines/run_local.py", 1)[1]) for line in lines)
+
+    def without(args: list[str], *flags: str) -> list[str]:
+        out, skip = [], False
+        for arg in args:
+            if skip:
+                skip = False
+            elif arg in flags:
+                skip = True
+            else:
+                out.append(arg)
+        return out
+
+    assert containers[:2] == ["--runner", "docker"]
+    assert without(containers, "--runner", "--root") == without(demo, "--root")
