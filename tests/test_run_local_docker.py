@@ -1,5 +1,6 @@
-"""`run_local --runner docker`'s container handling, without a runtime: a fake Docker client stands in for the
-podman API (the real one runs in tests/test_containers.py and `make demo-containers`)."""
+"""Container handling that needs no runtime: `run_local --runner docker` against a fake Docker client standing in
+for the podman API (the real one runs in tests/test_containers.py and `make demo-containers`), and the CLI's
+line for a mount the image's user cannot write."""
 
 from __future__ import annotations
 
@@ -102,3 +103,17 @@ def test_demo_containers_runs_the_demo_dag_with_the_same_arguments():
 
     assert containers[:2] == ["--runner", "docker"]
     assert without(containers, "--runner", "--root") == without(demo, "--root")
+
+
+def test_in_an_image_a_permission_error_names_the_container_fixes(monkeypatch):
+    import errno
+
+    from rewardtune.errors import describe_os_error
+
+    err = PermissionError(errno.EACCES, "Permission denied", "/work/prompts")
+    monkeypatch.delenv("RT_IN_IMAGE", raising=False)
+    assert describe_os_error(err) == "Permission denied: /work/prompts; check the path's permissions or choose another path"
+    monkeypatch.setenv("RT_IN_IMAGE", "1")  # set by both Dockerfiles
+    line = describe_os_error(err)
+    assert line.startswith("Permission denied: /work/prompts; this container runs as uid ")
+    assert "-u $(id -u):$(id -g)" in line and "securityContext.fsGroup" in line and "\n" not in line
