@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo compile test test-all fuzz-long lint clean
+.PHONY: install demo demo-containers images test-containers compile test test-all fuzz-long lint clean
 
 $(BIN)/rewardtune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,30 @@ demo: install
 	rm -rf runs/kfp-local
 	$(BIN)/python pipelines/run_local.py --root runs/kfp-local --config configs/testbed.yaml --algorithms ddpo,tdpo_r --arms-from benchmarks/overopt/protocol.yaml --epochs 8 --set evaluation.num_heldout_prompts=8
 
+# Both stage images (names: images/images.yaml) with podman or docker, whichever is there; `auto` builds on
+# localhost/python:3.11-bookworm with this machine's wheels after ../shared/tools/container-runtime.sh,
+# else on the Dockerfiles' pinned bases. Prints each image's build time and size.
+IMAGES_PROFILE ?= auto
+images: install
+	$(BIN)/python images/build.py --profile $(IMAGES_PROFILE)
+
+# The same DAG and arguments as `make demo`, every task in its own container of the built images
+# (kfp.local DockerRunner; podman's Docker-compatible socket unless DOCKER_HOST says otherwise).
+demo-containers test-containers: export DOCKER_HOST ?= unix:///run/podman/podman.sock
+demo-containers: install
+	rm -rf runs/kfp-containers
+	$(BIN)/python pipelines/run_local.py --runner docker --root runs/kfp-containers --config configs/testbed.yaml --algorithms ddpo,tdpo_r --arms-from benchmarks/overopt/protocol.yaml --epochs 8 --set evaluation.num_heldout_prompts=8
+
+# Every stage under `podman/docker run` as the README shows, kill-and-resume included (needs `make images`).
+test-containers: install
+	$(BIN)/python -m pytest -m containers -q tests/test_containers.py
+
 compile: install
 	$(BIN)/python pipelines/compile.py
 
 test: install
 	$(BIN)/ruff check shared tests benchmarks pipelines components images
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not containers" -q
 
 test-all: install
 	$(BIN)/python -m pytest -q

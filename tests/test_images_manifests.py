@@ -28,7 +28,10 @@ def test_dockerfile_is_hadolint_clean_pinned_and_non_root(key):
     proc = subprocess.run([_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = dockerfile.read_text()
-    assert re.search(r"^FROM \S+:\S+@sha256:[0-9a-f]{64}$", text, re.M), "base must be pinned by tag and digest"
+    # any base builds it (ARG BASE_IMAGE), the default base stays pinned by tag and digest
+    assert re.search(r"^ARG BASE_IMAGE=\S+:\S+@sha256:[0-9a-f]{64}$", text, re.M), "base must be pinned by tag and digest"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert "python3 -m venv /opt/venv" in text and re.search(r"PATH=/opt/venv/bin:\$PATH", text)
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
     assert 'ENTRYPOINT ["rewardtune"]' in text
     labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z]+)="([^"]*)"', text))
@@ -40,23 +43,56 @@ def test_dockerfile_is_hadolint_clean_pinned_and_non_root(key):
 def test_trainer_torch_build_matches_the_base_image_cuda():
     """The trainer's torch wheel is the CUDA build of the base image (PyPI's default is another CUDA)."""
     text = (REPO / IMAGES["images"]["trainer"]["dockerfile"]).read_text()
-    major, minor = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-", text, re.M).groups()
+    major, minor = re.search(r"^ARG BASE_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-", text, re.M).groups()
     tag = f"cu{major}{minor}"
     assert re.search(rf"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/{tag}$", text, re.M)
-    install = next(line for line in text.splitlines() if "pip install" in line and "torch==" in line)
+    install = next(line for line in text.splitlines() if "pip install" in line and "TORCH_PACKAGES" in line)
     assert '--index-url "${TORCH_INDEX}"' in install
-    assert f'"torch==${{TORCH_VERSION}}+{tag}"' in install and f'"torchvision==${{TORCHVISION_VERSION}}+{tag}"' in install
+    torch, vision = re.search(r'^ARG TORCH_PACKAGES="torch==(\S+) torchvision==(\S+)"$', text, re.M).groups()
+    assert torch.endswith(f"+{tag}") and vision.endswith(f"+{tag}")
     makefile = (REPO / "Makefile").read_text()  # the same torch release as every other install
-    assert re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1) in makefile
+    assert f"torch=={torch.split('+')[0]} torchvision=={vision.split('+')[0]}" in makefile
+
+
+def test_cpu_image_default_torch_is_the_cpu_build():
+    """The CPU image needs no CUDA libraries: +cpu wheels from the CPU index, in the default and local profiles."""
+    text = (REPO / IMAGES["images"]["cpu"]["dockerfile"]).read_text()
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    torch = re.search(r'^ARG TORCH_PACKAGES="torch==(\S+)', text, re.M).group(1)
+    assert torch.endswith("+cpu")
+    assert IMAGES["profiles"]["local"]["cpu"]["TORCH_PACKAGES"].split()[0].endswith("+cpu")
 
 
 def test_build_script_uses_images_yaml():
-    proc = subprocess.run([sys.executable, str(REPO / "images" / "build.py"), "--dry-run", "--push"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(REPO / "images" / "build.py"), "--dry-run", "--push", "--runtime", "docker",
+                           "--profile", "registry"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     for spec in IMAGES["images"].values():
         ref = f"{IMAGES['registry']}/{spec['name']}:{IMAGES['tag']}"
         build = f"docker build -f {spec['dockerfile']} --build-arg VERSION={IMAGES['tag']} -t {ref} ."
         assert build in proc.stdout and f"docker push {ref}" in proc.stdout
+
+
+def test_local_profile_mounts_the_hosts_wheels_and_builds_on_the_local_base():
+    """`--profile local` (podman): every image builds on the local base, with each local wheel dir mounted
+    read-only and handed to pip, so a build here reads the same wheels as the host's pip."""
+    sys.path.insert(0, str(REPO / "images"))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(REPO / "images"))
+    dirs = ["/opt/wheels", "/opt/pypi/simple"]
+    mounts, pip = build.wheel_options(dirs)
+    assert mounts == ["-v", "/opt/wheels:/opt/wheels:ro", "-v", "/opt/pypi:/opt/pypi:ro"]
+    assert pip == "--find-links /opt/wheels --extra-index-url file:///opt/pypi/simple"
+    commands = build.build_commands([], None, False, runtime="podman", profile="local")
+    base = IMAGES["profiles"]["local"]["common"]["BASE_IMAGE"]
+    assert len(commands) == len(IMAGES["images"])
+    for cmd in commands:
+        assert cmd[:2] == ["podman", "build"] and f"BASE_IMAGE={base}" in cmd and cmd[-1] == "."
+        assert "--format" in cmd and cmd[cmd.index("--format") + 1] == "docker"  # OCI format would drop SHELL
+    with pytest.raises(SystemExit, match="needs podman"):
+        build.build_commands([], None, False, runtime="docker", profile="local")
 
 
 MANIFESTS = REPO / "manifests"

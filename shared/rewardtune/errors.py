@@ -48,7 +48,23 @@ def describe_os_error(err: OSError) -> str:
         errno.ELOOP: "the path is a symlink loop: check the path",
         errno.ENAMETOOLONG: "shorten the path",
     }.get(err.errno or 0, "check the path and the storage")
+    if err.errno in (errno.EACCES, errno.EPERM) and os.environ.get("RT_IN_IMAGE") == "1":
+        hint = container_write_hint()
     return f"{reason}: {path}; {hint}"
+
+
+def container_write_hint() -> str:
+    """The fix for a mounted volume the image's non-root user cannot write (the images set RT_IN_IMAGE=1).
+
+    The images run as uid 1000, and a bind mount or volume keeps its owner's permissions, so the usual cause is
+    a directory owned by another uid: the user's own (`-u`), or a pod volume without `fsGroup`.
+    """
+    import os
+
+    uid, gid = os.getuid(), os.getgid()
+    return (f"this container runs as uid {uid} (gid {gid}) and cannot write there: run it as the directory's owner "
+            "(docker/podman run -u $(id -u):$(id -g) ...), or make the directory writable for uid "
+            f"{uid} (chown {uid} DIR), or on Kubernetes set the pod's securityContext.fsGroup: {gid}")
 
 
 def one_line(text: str) -> str:
