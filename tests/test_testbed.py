@@ -1,6 +1,6 @@
 """The overoptimization testbed: world, exact rewards, committed base model and proxy, compare command.
 
-Documented thresholds (README "Testbed"): the committed base model's samples reach mean prompt fidelity
+Documented thresholds (docs/testbed.md): the committed base model's samples reach mean prompt fidelity
 >= FIDELITY_MIN on training prompts and on never-pretrained combinations (chance level, guessing every
 attribute, is about 0.32), and the committed proxy's Spearman correlation with gold on fresh base-model
 samples is >= SPEARMAN_MIN.

@@ -47,7 +47,7 @@ def gaussian_kl_same_std(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.
     GRPO's KL to the base policy (Flow-GRPO): both step densities share the std (it depends on the schedule,
     not the model), so the KL is the squared mean gap over twice the variance. This is the exact closed form;
     Flow-GRPO's code divides by 2g² (g without the sqrt(-dt) of its std) on its `sde` steps, i.e. its value is
-    this one times -dt, so its beta is not ours (README, deviations).
+    this one times -dt, so its beta is not ours (docs/algorithms.md §8, deviations).
     """
     kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
