@@ -44,10 +44,26 @@ def evaluated(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "run": root / "run", "eval": root / "eval", "config": config}
 
 
+def _content(path: Path) -> str:
+    """sha256 of a file's content: its bytes, or for safetensors its header metadata and tensors (safetensors
+    writes the `__metadata__` map in hash-map order, which differs between processes: a LoRA file's two keys,
+    `format` and diffusers' `lora_adapter_metadata`, come out in either order)."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as handle:
+        digest.update(json.dumps(handle.metadata(), sort_keys=True).encode())
+        for key in sorted(handle.keys()):
+            tensor = handle.get_tensor(key)
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode() + tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _files(directory: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `directory`."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    """{relative path: content digest} of every file under `directory`."""
+    return {str(p.relative_to(directory)): _content(p) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _export_argv(e: dict[str, Path], out: Path, *extra: str) -> list[str]:

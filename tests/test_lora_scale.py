@@ -44,7 +44,8 @@ def _config(family: str, model: Path, rank: int, alpha: float):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, sd3_dir, tmp_path_factory) -> dict:
-    """{(family, rank, alpha): (config, run dir)}: one trained epoch each (B != 0 after one step at this rate)."""
+    """{(family, rank, alpha): (config, run dir, the in-memory trained denoiser's output)}: one trained epoch each
+    (B != 0 after one step at this rate)."""
     from rewardtune.trainer import Trainer
 
     root = tmp_path_factory.mktemp("lora-scale")
@@ -53,8 +54,9 @@ def runs(tiny_model_dir, sd3_dir, tmp_path_factory) -> dict:
         for rank, alpha in SCALES:
             cfg = _config(family, model, rank, alpha)
             out = root / f"{family}-{rank}-{alpha}"
-            Trainer(cfg, out).run()
-            found[family, rank, alpha] = cfg, out
+            trainer = Trainer(cfg, out)
+            trainer.run()
+            found[family, rank, alpha] = cfg, out, _denoiser_out(trainer.built.pipe)  # the policy as trained, in memory
     return found
 
 
@@ -99,7 +101,7 @@ def _from_pretrained(family: str, path: Path):
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 @pytest.mark.parametrize(("rank", "alpha"), SCALES)
 def test_trained_policy_unmerged_export_and_merged_export_agree(runs, tmp_path, family, rank, alpha):
-    cfg, run = runs[family, rank, alpha]
+    cfg, run, in_memory = runs[family, rank, alpha]
     checkpoint, _ = latest_checkpoint(run / "checkpoints")
     meta = json.loads(safe_open(str(checkpoint / LORA_FILE), "pt").metadata()["lora_adapter_metadata"])
     prefix = "unet" if family == "sd" else "transformer"
@@ -107,6 +109,7 @@ def test_trained_policy_unmerged_export_and_merged_export_agree(runs, tmp_path, 
     ours = _load_policy(cfg, checkpoint)  # resume, evaluate and export load a checkpoint this way
     base_out = _denoiser_out(_load_policy(cfg, None))
     trained_out = _denoiser_out(ours)
+    torch.testing.assert_close(trained_out, in_memory, **TOL)  # the checkpoint loads back as the policy trained
     assert (trained_out - base_out).abs().max() > 1e-3  # the fine-tune moved the model: the comparison can see a scale
 
     unmerged, merged = tmp_path / "unmerged", tmp_path / "merged"
@@ -125,7 +128,7 @@ def test_trained_policy_unmerged_export_and_merged_export_agree(runs, tmp_path, 
 
 
 def test_a_checkpoint_without_adapter_metadata_loads_at_the_config_scale_with_a_warning(runs, caplog):
-    cfg, run = runs["sd", 4, 8]
+    cfg, run, _ = runs["sd", 4, 8]
     checkpoint, _ = latest_checkpoint(run / "checkpoints")
     trained_out = _denoiser_out(_load_policy(cfg, checkpoint))
     old = run.parent / "old-run"
@@ -149,7 +152,7 @@ def test_a_checkpoint_without_adapter_metadata_loads_at_the_config_scale_with_a_
 
 
 def test_a_lora_file_whose_stored_scale_differs_from_the_config_is_refused(runs):
-    cfg, run = runs["sd", 4, 8]
+    cfg, run, _ = runs["sd", 4, 8]
     checkpoint, _ = latest_checkpoint(run / "checkpoints")
     other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora_alpha": 4.0})})
     with pytest.raises(CheckpointError, match=r"saved with LoRA r=4, lora_alpha=8.*set model.lora_rank/lora_alpha"):

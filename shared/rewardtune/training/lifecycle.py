@@ -132,6 +132,7 @@ class StartRecord:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
         self.existed = self.out_dir.is_dir()
+        self.before: set[str] | None
         try:
             self.before = {p.name for p in self.out_dir.iterdir()} if self.existed else set()
         except OSError:  # unreadable: the run fails on its own; take nothing back
@@ -165,8 +166,8 @@ class StartRecord:
             except OSError:
                 pass
         if created:
-            log.debug("removed what the failed start wrote to %s (%s): it holds no checkpoint", self.out_dir,
-                     ", ".join(sorted(p.name for p in created)))
+            names = ", ".join(sorted(p.name for p in created))
+            log.debug("removed what the failed start wrote to %s (%s): it holds no checkpoint", self.out_dir, names)
 
 
 def is_main_process_env() -> bool:
