@@ -69,6 +69,16 @@ def _write_atomic(path: Path, payload: str | bytes, mode: str) -> None:
         raise
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing, unreadable, not JSON or not an object: for files
+    whose absence or damage means "nothing recorded here" (a retried export's summary, a checkpoint's manifest)."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 

@@ -15,7 +15,6 @@ Written to a temporary directory beside `--out` and renamed into place.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -291,11 +290,9 @@ def export_model(run_dir: Path, eval_dir: Path | None, select: str, out: Path, m
 
 def _previous_export(out: Path) -> dict[str, Any] | None:
     """The summary of a complete export already at `out` (a retried step), or None."""
-    try:
-        data = json.loads((out / EXPORT_FILE).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    from rewardtune.checkpoint import read_json_object
+
+    return read_json_object(out / EXPORT_FILE)
 
 
 def _write_export(cfg: Any, checkpoint: Path | None, out: Path, merge: bool, summary: dict[str, Any], card: str) -> None:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rewardtune.checkpoint import MANIFEST, write_json_atomic
+from rewardtune.checkpoint import MANIFEST, read_json_object, write_json_atomic
 from rewardtune.errors import RewardtuneError
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,7 @@ def checkpoint_digest(manifest: dict[str, Any]) -> str:
 
 
 def _manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((path / MANIFEST).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(path / MANIFEST)
 
 
 def run_base_model(run_dir: Path) -> str | None:
