@@ -212,3 +212,14 @@ def test_path_kl_of_a_full_fine_tune_is_zero_at_base_and_positive_after_training
     Trainer(cfg, tmp_path / "run").run()
     kl = checkpoint_path_kl(cfg, tmp_path / "run", prompts, ["base", "epoch-000002"], prompts=2, images=1)
     assert kl["base"] == 0.0 and kl["epoch-000002"] > 0
+
+
+def test_pilot_gates_recompute_session_8s_table(capsys):
+    """CALIBRATION.md's Session 8 numbers come from the committed pilot runs (benchmarks/overopt/results/pilot-v7)."""
+    from benchmarks.overopt.pilot_gates import main
+
+    assert main([str(REPO / "benchmarks/overopt/results/pilot-v7")]) == 0
+    table = capsys.readouterr().out
+    assert "| full1e-4 | DDPO n=2 |" in table and "G0 δ +0.033 (+0.053, +0.014)" in table and "G1 0/2" in table
+    assert "G0 δ -0.011 (+0.023, -0.045)" in table and "drawdown 0.049, 0.094" in table
+    assert "| fulltd16 | tdpo n=1 |" in table and "G2 EV +0.11; last third +0.26" in table
