@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rewardtune.checkpoint import write_bytes_atomic
 from rewardtune.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ def canonicalize_safetensors(path: Path) -> None:
     sha256 digests. Only the key order changes: the header keeps its length (space padding, as safetensors
     pads it) and every tensor offset, and a header that would not round-trip is left as it was.
     """
-    from rewardtune.checkpoint import write_bytes_atomic
-
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
     raw = data[8 : 8 + size]

@@ -26,6 +26,7 @@ import numpy as np
 
 from rewardtune.checkpoint import write_json_atomic, write_text_atomic
 from rewardtune.testbed import stats
+from rewardtune.testbed.controls import cross_reward_table, final_gold_delta, instrument_gates
 from rewardtune.testbed.protocol import Protocol, load_protocol, smoke
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def train_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "explained_variance": [r.get("value_explained_variance") for r in records],
         "explained_variance_last_third": [r.get("value_explained_variance_last_third") for r in records],
         "first_reset_epoch": first_reset,
-        "dormant_fraction": [r.get("dormant_fraction") for r in records],
         "dormant_fraction_at_reset": [r.get("dormant_fraction") for r in records if r.get("reset")],
         "explained_variance_thirds_before_reset_mean": [
             _mean_of_last([r.get(f"value_explained_variance_{t}_third") for r in before], EV_WINDOW) for t in THIRDS],
@@ -235,8 +235,6 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
     gates["probes"] = {"holds": True, "table": probes or [], "rule": "documented, not a pass/fail gate"}
     final_gold = p.primary.metric == "final_gold"
     if final_gold:  # issue 31: the instrument's own gates replace reach and the old gold gate
-        from rewardtune.testbed.controls import instrument_gates
-
         for key in ("reach", "gold_trained", "shuffled_proxy"):
             gates[key]["holds"], gates[key]["rule"] = True, "reported only: " + gates[key]["rule"]
         every = {a.name: run_config(p, RunSpec(a.name, a.algorithm, p.seeds[0], overrides=list(a.overrides)),
@@ -277,8 +275,6 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
             "alpha": fit[0], "beta": fit[1],
             "ci": stats.bootstrap_fit(points, p.secondary.fit_resamples, pr.bootstrap_seed, pr.level)}
         if a != p.baseline and a in arms and final_gold:
-            from rewardtune.testbed.controls import final_gold_delta
-
             entry["delta"] = final_gold_delta(p, by_arm, a, gates_hold)
             if p.smoke:
                 entry["delta"] |= {"verdict": stats.NO_VERDICT, "reason": "smoke protocol: machinery check only, never a verdict"}
@@ -302,8 +298,6 @@ def analyze(p: Protocol, records: list[dict[str, Any]], best_of_n: list[dict[str
             entry["delta"] = {"differences": d, "t_ci": _interval(t_ci), "bootstrap_ci": _interval(b_ci),
                               "secondary": secondary, "sesoi": sesoi, "verdict": v, "reason": why}
         arms_out[a] = entry
-    from rewardtune.testbed.controls import cross_reward_table
-
     return {"protocol": p.model_dump(), "gates": gates, "gates_hold": gates_hold, "arms": arms_out,
             "cross_reward": cross_reward_table(p, by_arm),
             "runs": {r["name"]: {"spec": r["spec"], "metrics": r["metrics"], "train": r["train"], "curves": r["curves"],

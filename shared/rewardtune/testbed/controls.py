@@ -19,8 +19,6 @@ import numpy as np
 from rewardtune.testbed import stats
 from rewardtune.testbed.protocol import Protocol
 
-PASS_ = stats.PASS  # the rule's top verdict
-
 
 def drawdown(gold: Sequence[float]) -> float:
     """Peak minus final held-out gold: how much of its best gold a run gave back (0 for a monotone rise)."""
@@ -139,7 +137,7 @@ def instrument_gates(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]], 
     verdict, why, d = rule_on_pair(_readings(by_arm.get(oracle, {}), budget), base, pr.sesoi, pr.level,
                                    pr.bootstrap_resamples, pr.bootstrap_seed)
     power = t_power(d, len(p.seeds), pr.level)
-    out["G0_oracle"] = {"holds": verdict == PASS_ and power is not None and power >= g.power, "verdict": verdict,
+    out["G0_oracle"] = {"holds": verdict == stats.PASS and power is not None and power >= g.power, "verdict": verdict,
                         "reason": why, "differences": d, "power_at_planned_seeds": power,
                         "rule": f"the rule gives {oracle} − {p.baseline} PASS with ≥ {g.power:.0%} power at {len(p.seeds)} seeds"}
     shuf = [x.final_proxy for x in _readings(by_arm.get(shuffled, {}), budget).values() if x.final_proxy is not None]
@@ -212,7 +210,7 @@ def final_gold_delta(p: Protocol, by_arm: dict[str, dict[int, dict[str, Any]]], 
     comparable = proxy_ci is not None and proxy_ci.low > -pr.proxy_margin
     if not gates_hold:
         verdict, why = stats.NO_VERDICT, "a validity gate failed"
-    elif verdict == PASS_ and not comparable:
+    elif verdict == stats.PASS and not comparable:
         verdict, why = stats.INCONCLUSIVE, f"gold up, but its proxy gain may be below {p.baseline}'s by more than {pr.proxy_margin}"
     t_ci = stats.paired_t_ci(d, pr.level)
     b_ci = stats.bootstrap_ci(d, pr.bootstrap_resamples, pr.level, pr.bootstrap_seed)
